@@ -1,0 +1,30 @@
+// Every operator schema of loca_kernels, declared once. Kernels register their
+// implementations per dispatch key next to their sources (csrc/<op>/cpu.cpp for
+// CPU, csrc/<op>/bind_cuda.cpp for CUDA); autograd and fake (meta) functions are
+// registered from Python (loca_kernels/<op>/__init__.py).
+#include <Python.h>
+#include <torch/library.h>
+
+// Importing loca_kernels._C registers the operators; the module itself is empty.
+extern "C" PyObject* PyInit__C(void) {
+  static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module);
+}
+
+TORCH_LIBRARY(loca_kernels, m) {
+  // Masked query-to-reference cross-attention (SPEC.md section 1), on compact keep lists:
+  // query row i uses keep row i % R (R = keep_index.size(0), one of 1, Bk, Bq).
+  // keep_is_run: keep_index[r, 0] is the first visible position of a consecutive run of
+  // keep_count[r] tokens; otherwise keep_index[r, :keep_count[r]] are the visible positions.
+  // keep_index and keep_count are int32. Returns (out, lse): lse is float32 (Bq, H, Nq),
+  // the log-sum-exp of the scaled scores, -inf for a row with no visible token.
+  m.def("attention_forward(Tensor q, Tensor k, Tensor v, Tensor keep_index, Tensor keep_count, "
+        "bool keep_is_run, float scale) -> (Tensor, Tensor)");
+  // Returns (grad_q, grad_k, grad_v); grad_k and grad_v are summed over the views of a reference.
+  m.def("attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
+        "Tensor keep_index, Tensor keep_count, bool keep_is_run, float scale) -> (Tensor, Tensor, Tensor)");
+
+  // Relative-position targets (SPEC.md section 3); flips and turns always given (zeros when unused).
+  m.def("relative_position_targets(Tensor query_boxes, Tensor ref_boxes, int[] query_grid, "
+        "int[] ref_grid, Tensor query_flip, Tensor ref_flip, Tensor query_rot90, int ignore_index) -> Tensor");
+}

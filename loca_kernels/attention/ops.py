@@ -1,0 +1,56 @@
+"""Fake (meta) functions and autograd for the fused attention operators.
+
+Every fused backend implements the same pair of schemas (csrc/ops.cpp):
+attention_forward -> (out, lse) and attention_backward -> (grad_q, grad_k, grad_v).
+The C++ pair serves the "cpu" and "cuda" backends (one operator, two dispatch keys);
+the Triton pair is defined in triton.py. Both get the same fake functions and autograd.
+"""
+from __future__ import annotations
+
+import torch
+
+from .._backends import EXTENSION_ERROR, TRITON_AVAILABLE
+
+
+def _forward_fake(q, k, v, keep_index, keep_count, keep_is_run, scale):
+    lse = q.new_empty((q.shape[0], q.shape[2], q.shape[1]), dtype=torch.float32)
+    return torch.empty_like(q), lse
+
+
+def _backward_fake(grad_out, q, k, v, out, lse, keep_index, keep_count, keep_is_run, scale):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _register(forward_name: str, backward_name: str):
+    """Register fake functions and autograd for loca_kernels::<forward_name>; return it."""
+    forward = getattr(torch.ops.loca_kernels, forward_name)
+    backward = getattr(torch.ops.loca_kernels, backward_name)
+
+    def setup_context(ctx, inputs, output):
+        q, k, v, keep_index, keep_count, keep_is_run, scale = inputs
+        out, lse = output
+        ctx.save_for_backward(q, k, v, out, lse, keep_index, keep_count)
+        ctx.keep_is_run, ctx.scale = keep_is_run, scale
+        ctx.mark_non_differentiable(lse)
+
+    def backward_fn(ctx, grad_out, _grad_lse):
+        q, k, v, out, lse, keep_index, keep_count = ctx.saved_tensors
+        grad_q, grad_k, grad_v = backward(grad_out.contiguous(), q, k, v, out, lse, keep_index,
+                                          keep_count, ctx.keep_is_run, ctx.scale)
+        return grad_q, grad_k, grad_v, None, None, None, None
+
+    torch.library.register_fake(f"loca_kernels::{forward_name}", _forward_fake)
+    torch.library.register_fake(f"loca_kernels::{backward_name}", _backward_fake)
+    torch.library.register_autograd(f"loca_kernels::{forward_name}", backward_fn,
+                                    setup_context=setup_context)
+    return forward
+
+
+# backend name -> forward operator
+FORWARD = {}
+if EXTENSION_ERROR is None:
+    FORWARD["cpu"] = FORWARD["cuda"] = _register("attention_forward", "attention_backward")
+if TRITON_AVAILABLE and hasattr(_triton_module := __import__("importlib").import_module(".triton", __package__), "attention_forward_triton"):
+    from . import triton as _triton  # noqa: F401  (defines the Triton operators)
+
+    FORWARD["triton"] = _register("attention_forward_triton", "attention_backward_triton")
