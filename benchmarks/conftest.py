@@ -1,0 +1,69 @@
+"""Shared by every benchmark: device choice, synchronised timing, and extra_info with
+achieved throughput and the fraction of the device's bandwidth floor.
+
+Run: pytest benchmarks/ --benchmark-only [--benchmark-json=out.json]
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+# Peak DRAM bandwidth (bytes/s) per device name, from what we measured with a device copy
+# (see BENCHMARKS.md); used only to report the fraction of the bandwidth floor.
+MEASURED_BANDWIDTH = {"NVIDIA H100 80GB HBM3": 3.0e12, "NVIDIA H200": 4.3e12}
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+ON_GPU = DEVICE.type == "cuda"
+
+
+def synchronize() -> None:
+    if ON_GPU:
+        torch.cuda.synchronize()
+
+
+def run_benchmark(benchmark, fn, *, bytes_moved: float = 0.0, flops: float = 0.0, **info):
+    """Time `fn` (synchronised) and record GB/s, TFLOP/s and the bandwidth-floor fraction.
+
+    bytes_moved: the minimum bytes a perfect kernel reads and writes (the floor).
+    """
+    def timed():
+        result = fn()
+        synchronize()
+        return result
+
+    timed()  # warm-up: compilation and autotuning are not timed
+    result = benchmark.pedantic(timed, rounds=int(os.environ.get("LOCA_BENCH_ROUNDS", 20)),
+                                iterations=1, warmup_rounds=2)
+    median = benchmark.stats.stats.median
+    extra = {"device": torch.cuda.get_device_name() if ON_GPU else "cpu", **info}
+    if bytes_moved:
+        extra["GB_per_s"] = bytes_moved / median / 1e9
+        peak = MEASURED_BANDWIDTH.get(extra["device"])
+        if peak:
+            extra["bandwidth_floor_fraction"] = bytes_moved / median / peak
+    if flops:
+        extra["TFLOP_per_s"] = flops / median / 1e12
+    benchmark.extra_info.update(extra)
+    return result
+
+
+def measure_peak_memory(fn) -> int:
+    """Peak device memory in bytes allocated while running `fn` once (GPU only, else 0)."""
+    if not ON_GPU:
+        return 0
+    synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn()
+    synchronize()
+    return torch.cuda.max_memory_allocated() - base
+
+
+@pytest.fixture
+def device():
+    return DEVICE
