@@ -64,6 +64,23 @@ def measure_peak_memory(fn) -> int:
     return torch.cuda.max_memory_allocated() - base
 
 
+def pytest_benchmark_update_machine_info(config, machine_info):
+    """Record what the figures depend on in every JSON result."""
+    import importlib.metadata as metadata
+
+    import loca_kernels
+
+    machine_info["device"] = torch.cuda.get_device_name() if ON_GPU else "cpu"
+    machine_info["torch"] = torch.__version__
+    machine_info["cuda"] = torch.version.cuda
+    for package in ("triton", "xformers"):
+        try:
+            machine_info[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            machine_info[package] = None
+    machine_info["loca_kernels_backends"] = loca_kernels.backends()
+
+
 @pytest.fixture
 def device():
     return DEVICE
