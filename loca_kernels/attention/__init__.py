@@ -21,6 +21,7 @@ __all__ = ["masked_cross_attention", "KeepRun", "consecutive_keep", "random_keep
 OP = "masked_cross_attention"
 MAX_HEAD_DIM = 256
 TRITON_HEAD_DIMS = (16, 32, 64, 128)
+CUDA_HEAD_DIMS = (16, 32, 64, 128)  # template instances in csrc/attention/kernels.cu
 # float64 runs on the reference (for gradcheck) and wherever a kernel accepts it.
 DTYPES = FLOAT_DTYPES + (torch.float64,)
 
@@ -108,7 +109,15 @@ def _support(q: torch.Tensor) -> dict:
             return f"head dim D={q.shape[-1]} is not one of {TRITON_HEAD_DIMS}"
         return None
 
-    return {"cpu": extension("CPU"), "cuda": extension("CUDA"), "triton": triton}
+    def cuda() -> Optional[str]:
+        reason = extension("CUDA")()
+        if reason is None and q.dtype not in FLOAT_DTYPES:
+            reason = f"dtype {q.dtype} is not one of {FLOAT_DTYPES}"
+        if reason is None and q.shape[-1] not in CUDA_HEAD_DIMS:
+            reason = f"head dim D={q.shape[-1]} is not one of {CUDA_HEAD_DIMS}"
+        return reason
+
+    return {"cpu": extension("CPU"), "cuda": cuda, "triton": triton}
 
 
 def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
