@@ -1,0 +1,49 @@
+"""sinkhorn (SPEC.md section 4): balanced soft assignment of samples to prototypes.
+
+Home of the op: reference.py (the oracle, log domain, distributed through `group`).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .._backends import choose_backend
+from .._validation import FLOAT_DTYPES, check_tensor, shape_str
+from . import reference
+
+__all__ = ["sinkhorn"]
+
+OP = "sinkhorn"
+MODES = ("loca", "swav")
+
+
+def sinkhorn(scores: torch.Tensor, *, epsilon: float = 0.05, iterations: int = 3, mode: str = "loca",
+             group=None, backend: Optional[str] = None) -> torch.Tensor:
+    """Sinkhorn-Knopp assignment of N samples to K prototypes (not differentiable).
+
+    Args:
+        scores: (N, K) logits, float32, float16 or bfloat16.
+        epsilon: temperature (> 0): the scores are divided by it.
+        iterations: number of (column, row) normalisation rounds (>= 0).
+        mode: "loca" (softmax rows, then columns / column sums, rows / row sums) or "swav"
+            (SwAV's distributed_sinkhorn: total mass 1, columns to 1/K, rows to 1/N_total,
+            times N_total).
+        group: a torch.distributed process group: sums over samples span its ranks, each rank
+            keeps its own rows; None for one process.
+        backend: None, "torch", "cpu", "triton" or "cuda".
+
+    Returns:
+        float32 (N, K), without gradient. Stable for |scores| / epsilon in the thousands.
+    """
+    check_tensor(OP, "scores", scores, ndim=2, layout="(N, K)", dtypes=FLOAT_DTYPES)
+    if scores.shape[0] == 0 or scores.shape[1] == 0:
+        raise ValueError(f"{OP}: scores must have N >= 1 samples and K >= 1 prototypes, got shape {shape_str(scores)}")
+    if not isinstance(epsilon, (int, float)) or not epsilon > 0:
+        raise ValueError(f"{OP}: epsilon must be a number > 0, got {epsilon!r}")
+    if not isinstance(iterations, int) or iterations < 0:
+        raise ValueError(f"{OP}: iterations must be an int >= 0, got {iterations!r}")
+    if mode not in MODES:
+        raise ValueError(f"{OP}: mode must be one of {MODES}, got {mode!r}")
+    choose_backend(OP, backend, scores.device, {})
+    return reference.sinkhorn(scores, epsilon=float(epsilon), iterations=iterations, mode=mode, group=group)

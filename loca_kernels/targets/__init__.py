@@ -1,0 +1,119 @@
+"""relative_position_targets (SPEC.md section 3) and gather_at_targets: checks and dispatch.
+
+Home of the op: reference.py (the oracle and its exact arithmetic), geometry.py (LOCA view
+sampling and token dropping).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .._backends import choose_backend
+from .._validation import check_grid, check_same_device, check_tensor, shape_str, values_checkable
+from . import reference
+
+__all__ = ["relative_position_targets", "gather_at_targets"]
+
+OP = "relative_position_targets"
+
+
+def _optional_per_view(name: str, x, shape: tuple, device, dtype_kind: str) -> torch.Tensor:
+    """A flag or turn tensor of `shape`, zeros when None."""
+    dtype = torch.bool if dtype_kind == "bool" else torch.int64
+    if x is None:
+        return torch.zeros(shape, dtype=dtype, device=device)
+    check_tensor(OP, name, x, ndim=len(shape), layout=str(shape))
+    if tuple(x.shape) != shape:
+        raise ValueError(f"{OP}: {name} must have shape {shape}, got {shape_str(x)}")
+    if dtype_kind == "bool" and x.dtype != torch.bool:
+        raise TypeError(f"{OP}: {name} must be a bool tensor, got {x.dtype}")
+    if dtype_kind == "int" and (x.dtype.is_floating_point or x.dtype == torch.bool):
+        raise TypeError(f"{OP}: {name} must be an integer tensor with values in 0..3, got {x.dtype}")
+    if dtype_kind == "int" and values_checkable(x) and x.numel() and (x.min() < 0 or x.max() > 3):
+        raise ValueError(f"{OP}: {name} values must be in 0..3, got min {int(x.min())} and max {int(x.max())}")
+    return x.to(dtype)
+
+
+def _check_boxes(name: str, boxes: torch.Tensor) -> None:
+    if not boxes.dtype.is_floating_point:
+        raise TypeError(f"{OP}: {name} must be a floating tensor, got {boxes.dtype}")
+    if boxes.shape[-1] != 4:
+        raise ValueError(f"{OP}: {name} must end in 4 coordinates (x0, y0, x1, y1), got shape {shape_str(boxes)}")
+    if values_checkable(boxes) and boxes.numel():
+        x0, y0, x1, y1 = boxes.unbind(-1)
+        if not bool(((x1 > x0) & (y1 > y0)).all()):
+            raise ValueError(f"{OP}: every box of {name} must have x1 > x0 and y1 > y0")
+
+
+def relative_position_targets(query_boxes: torch.Tensor, ref_boxes: torch.Tensor, query_grid, ref_grid, *,
+                              query_flip: Optional[torch.Tensor] = None, ref_flip: Optional[torch.Tensor] = None,
+                              query_rot90: Optional[torch.Tensor] = None, ignore_index: int = -1,
+                              backend: Optional[str] = None) -> torch.Tensor:
+    """For every patch of every query view, the reference patch under its centre.
+
+    Args:
+        query_boxes: (B, V, 4) float crops (x0, y0, x1, y1) of the query views in source-image
+            coordinates (any consistent unit, x right, y down).
+        ref_boxes: (B, 4) float crop of the reference view.
+        query_grid, ref_grid: (rows, cols) patch grids of the views as the network sees them.
+        query_flip: (B, V) bool, the query view was flipped left-right after cropping.
+        ref_flip: (B,) bool, likewise for the reference.
+        query_rot90: (B, V) int in 0..3: after the flip the view was turned by
+            torch.rot90(view, k, dims=(-2, -1)).
+        ignore_index: the target of a patch whose centre lies outside the reference box.
+        backend: None, "torch", "cpu", "triton" or "cuda".
+
+    Returns:
+        int64 (B, V, rows * cols) in raster order of the query view: row * ref_cols + col of the
+        reference patch (mirrored when ref_flip), or ignore_index.
+    """
+    check_tensor(OP, "query_boxes", query_boxes, ndim=3, layout="(B, V, 4)")
+    check_tensor(OP, "ref_boxes", ref_boxes, ndim=2, layout="(B, 4)")
+    _check_boxes("query_boxes", query_boxes)
+    _check_boxes("ref_boxes", ref_boxes)
+    b, v = query_boxes.shape[:2]
+    if ref_boxes.shape[0] != b:
+        raise ValueError(f"{OP}: ref_boxes must have B={b} rows like query_boxes, got shape {shape_str(ref_boxes)}")
+    query_grid, ref_grid = check_grid(OP, "query_grid", query_grid), check_grid(OP, "ref_grid", ref_grid)
+    device = query_boxes.device
+    check_same_device(OP, [("query_boxes", query_boxes), ("ref_boxes", ref_boxes), ("query_flip", query_flip),
+                           ("ref_flip", ref_flip), ("query_rot90", query_rot90)])
+    query_flip = _optional_per_view("query_flip", query_flip, (b, v), device, "bool")
+    ref_flip = _optional_per_view("ref_flip", ref_flip, (b,), device, "bool")
+    query_rot90 = _optional_per_view("query_rot90", query_rot90, (b, v), device, "int")
+    choose_backend(OP, backend, device, {})
+    return reference.relative_position_targets(query_boxes, ref_boxes, query_grid, ref_grid, query_flip,
+                                               ref_flip, query_rot90, ignore_index)
+
+
+def gather_at_targets(values: torch.Tensor, targets: torch.Tensor, *, ignore_index: int = -1,
+                      fill: float = 0.0) -> torch.Tensor:
+    """Per-reference-patch values taken at the targets, without a (B, V, Nq, Nr) tensor.
+
+    Args:
+        values: (B, Nr) or (B, Nr, K), e.g. the Sinkhorn assignments of the reference patches.
+        targets: (B, Nq) or (B, V, Nq) int64 reference-patch indices or ignore_index.
+    Returns:
+        targets.shape (+ (K,)): values[b, targets[b, ...]], `fill` where ignored. Differentiable
+        in values.
+    """
+    op = "gather_at_targets"
+    check_tensor(op, "targets", targets)
+    check_tensor(op, "values", values)
+    if values.dim() not in (2, 3):
+        raise ValueError(f"{op}: values must be (B, Nr) or (B, Nr, K), got shape {shape_str(values)}")
+    if targets.dim() not in (2, 3) or targets.shape[0] != values.shape[0]:
+        raise ValueError(f"{op}: targets must be (B, Nq) or (B, V, Nq) with B={values.shape[0]}, "
+                         f"got shape {shape_str(targets)}")
+    if targets.dtype.is_floating_point or targets.dtype == torch.bool:
+        raise TypeError(f"{op}: targets must be an integer tensor, got {targets.dtype}")
+    check_same_device(op, [("values", values), ("targets", targets)])
+    ignored = targets == ignore_index
+    index = torch.where(ignored, torch.zeros_like(targets), targets).long().reshape(targets.shape[0], -1)
+    if values.dim() == 2:
+        taken = values.gather(1, index).reshape(targets.shape)
+        return taken.masked_fill(ignored, fill)
+    taken = values.gather(1, index[..., None].expand(-1, -1, values.shape[2]))
+    taken = taken.reshape(*targets.shape, values.shape[2])
+    return taken.masked_fill(ignored[..., None], fill)

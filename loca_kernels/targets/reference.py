@@ -1,0 +1,46 @@
+"""Plain-PyTorch relative-position targets (SPEC.md section 3): the oracle of every backend.
+
+Arithmetic (every kernel does exactly these float64 operations, in this order):
+  query patch centre on the un-turned grid (gh, gw) of the crop (x0, y0, x1, y1):
+      x = x0 + (c + 0.5) * ((x1 - x0) / gw),   y = y0 + (r + 0.5) * ((y1 - y0) / gh)
+  reference column and row of a centre inside the half-open reference box:
+      col = floor((x - rx0) * (wr / (rx1 - rx0))),  row = floor((y - ry0) * (hr / (ry1 - ry0)))
+  clamped to the grid, mirrored (col -> wr - 1 - col) when the reference was flipped.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def _centres(boxes: torch.Tensor, rows: int, cols: int):
+    """Patch-centre coordinates (..., rows, cols) of crops `boxes` (..., 4) split rows x cols."""
+    x0, y0, x1, y1 = boxes.unbind(-1)
+    c = torch.arange(cols, dtype=torch.float64, device=boxes.device) + 0.5
+    r = torch.arange(rows, dtype=torch.float64, device=boxes.device) + 0.5
+    x = x0[..., None] + c * ((x1 - x0) / cols)[..., None]
+    y = y0[..., None] + r * ((y1 - y0) / rows)[..., None]
+    return x[..., None, :].expand(*x.shape[:-1], rows, cols), y[..., :, None].expand(*y.shape[:-1], rows, cols)
+
+
+def relative_position_targets(query_boxes, ref_boxes, query_grid, ref_grid, query_flip, ref_flip,
+                              query_rot90, ignore_index: int) -> torch.Tensor:
+    """On checked inputs; flips and turns given as tensors. Returns int64 (B, V, hq * wq)."""
+    (hq, wq), (hr, wr) = query_grid, ref_grid
+    qb, rb = query_boxes.double(), ref_boxes.double()
+    b, v = qb.shape[:2]
+    out = torch.empty(b, v, hq, wq, dtype=torch.int64, device=qb.device)
+    for turns in range(4):
+        sel = query_rot90 == turns
+        gh, gw = (hq, wq) if turns % 2 == 0 else (wq, hq)
+        x, y = _centres(qb, gh, gw)                                  # (B, V, gh, gw)
+        flip = query_flip[..., None, None]
+        x, y = torch.where(flip, x.flip(-1), x), torch.where(flip, y.flip(-1), y)
+        x, y = x.rot90(turns, dims=(-2, -1)), y.rot90(turns, dims=(-2, -1))  # (B, V, hq, wq)
+        rx0, ry0, rx1, ry1 = (t[:, None, None, None] for t in rb.unbind(-1))
+        inside = (x >= rx0) & (x < rx1) & (y >= ry0) & (y < ry1)
+        col = torch.floor((x - rx0) * (wr / (rx1 - rx0))).clamp(0, wr - 1).long()
+        row = torch.floor((y - ry0) * (hr / (ry1 - ry0))).clamp(0, hr - 1).long()
+        col = torch.where(ref_flip[:, None, None, None], wr - 1 - col, col)
+        target = torch.where(inside, row * wr + col, torch.full_like(col, ignore_index))
+        out = torch.where(sel[..., None, None], target, out)
+    return out.reshape(b, v, hq * wq)
