@@ -1,0 +1,162 @@
+"""Training settings: one dataclass, three presets, and a command line that can override every field."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from dataclasses import dataclass, field, fields
+from typing import Optional, Tuple
+
+
+def setting(default, help_text: str):
+    """A Config field with its command-line help."""
+    return field(default=default, metadata={"help": help_text})
+
+
+@dataclass
+class Config:
+    """Every setting of a run. Presets fill it in; each field is also a command-line flag."""
+
+    preset: str = setting("tiny", "preset name")
+    # Data: None = the built-in procedural image set; else an ImageFolder-style directory.
+    data: Optional[str] = setting(None, "ImageFolder-style directory of images (class sub-folders); "
+                                        "default: the built-in procedural set")
+    num_images: int = setting(2048, "size of the procedural set")
+    source_size: int = setting(64, "longest side of a source image before cropping (pixels)")
+    num_workers: int = setting(2, "host processes decoding images and sampling views")
+    # Views (official recipe: 224 reference, 224 query keeping 70 tokens, nine 96 focal queries).
+    patch_size: int = setting(4, "ViT patch side (pixels)")
+    image_size: int = setting(32, "reference view and first query view (pixels)")
+    focal_size: int = setting(16, "focal query views (pixels)")
+    num_focal: int = setting(9, "number of focal query views per image")
+    query_tokens_kept: int = setting(23, "tokens of the first query kept before the encoder")
+    reference_visible: float = setting(0.2, "fraction of reference tokens visible, one consecutive run")
+    reference_area: Tuple[float, float] = setting((0.32, 1.0),
+                                                  "area range of the reference crop (fraction of the image)")
+    query_area: Tuple[float, float] = setting((0.32, 1.0), "area range of the first query crop")
+    focal_area: Tuple[float, float] = setting((0.05, 0.32), "area range of the focal query crops")
+    color_jitter: float = setting(0.8, "probability of brightness/contrast/saturation/hue jitter")
+    grayscale: float = setting(0.2, "probability of turning a view grey")
+    # Model (a ViT without class token, as in LOCA).
+    embed_dim: int = setting(96, "ViT width")
+    depth: int = setting(4, "ViT encoder blocks")
+    num_heads: int = setting(3, "attention heads (encoder and cross-attention)")
+    mlp_ratio: float = setting(4.0, "MLP hidden width / embed_dim")
+    stochastic_depth: float = setting(0.0, "drop-path rate of the last encoder block (linear from 0)")
+    head_hidden_dim: int = setting(256, "clustering head hidden width")
+    head_bottleneck_dim: int = setting(64, "clustering head bottleneck width")
+    num_prototypes: int = setting(256, "clustering prototypes")
+    # LOCA objective.
+    sharpening: float = setting(0.05, "teacher softmax temperature before Sinkhorn")
+    sinkhorn_iterations: int = setting(3, "Sinkhorn normalisation rounds")
+    student_temperature: float = setting(0.1, "temperature of the student's prototype logits")
+    teacher_momentum: float = setting(0.996, "EMA momentum at step 0, raised to 1 on a cosine")
+    # Optimisation.
+    batch_size: int = setting(32, "images per process and step")
+    steps: int = setting(200, "optimiser steps")
+    warmup_steps: int = setting(20, "linear learning-rate warm-up steps, then cosine decay")
+    lr: float = setting(2e-3, "peak learning rate (AdamW)")
+    lr_reference_batch: int = setting(0, "if > 0, the peak rate is lr * global batch / lr_reference_batch")
+    min_lr_ratio: float = setting(0.01, "final learning rate = lr * min_lr_ratio")
+    weight_decay: float = setting(0.1, "AdamW weight decay (not on biases and norms)")
+    clip_grad: float = setting(1.0, "gradient norm clipping threshold (0: off)")
+    # Running.
+    seed: int = setting(0, "seed of the model and of every random draw of the data")
+    device: str = setting("auto", "auto = cuda when available, else cpu")
+    amp: bool = setting(True, "bf16 autocast on GPU (ignored on CPU)")
+    compile: bool = setting(False, "torch.compile the student and teacher")
+    backend: Optional[str] = setting(None, "force a loca_kernels backend (torch, cpu, triton, cuda)")
+    output_dir: Optional[str] = setting(None, "default ./runs/<preset>")
+    checkpoint_every: int = setting(100, "steps between checkpoints (also written on SIGINT/SIGTERM "
+                                         "and at the end)")
+    resume: bool = setting(False, "continue from the checkpoint in output_dir")
+    log_every: int = setting(10, "period of the progress line and of the step whose kernel time is measured")
+    progress: bool = setting(True, "show a progress bar")
+
+
+# The official LOCA ImageNet-1k recipe (scenic/projects/loca, 100 epochs at a global batch of
+# 1024 = 16 processes x 64); ViT-S/16 and ViT-B/16 differ only in width.
+_OFFICIAL = dict(
+    source_size=320, num_workers=8, patch_size=16, image_size=224, focal_size=96, num_focal=9,
+    query_tokens_kept=70, color_jitter=0.8, grayscale=0.2, depth=12, mlp_ratio=4.0,
+    stochastic_depth=0.1, head_hidden_dim=2048, head_bottleneck_dim=256, num_prototypes=4096,
+    batch_size=64, steps=125_000, warmup_steps=18_750, lr=1e-3, lr_reference_batch=1024,
+    checkpoint_every=2000, log_every=50,
+)
+
+PRESETS = {
+    "tiny": {},
+    "vit_s16": dict(_OFFICIAL, embed_dim=384, num_heads=6),
+    "vit_b16": dict(_OFFICIAL, embed_dim=768, num_heads=12),
+}
+
+
+def preset(name: str, **overrides) -> Config:
+    """The Config of preset `name` with `overrides` applied (field name -> value)."""
+    if name not in PRESETS:
+        raise ValueError(f"loca_train: unknown preset {name!r}, expected one of {sorted(PRESETS)}")
+    unknown = set(overrides) - {f.name for f in fields(Config)}
+    if unknown:
+        raise ValueError(f"loca_train: unknown settings {sorted(unknown)}")
+    cfg = dataclasses.replace(Config(), **{**PRESETS[name], **overrides}, preset=name)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    """Reject settings that cannot describe a LOCA run, naming the setting."""
+    for name in ("image_size", "focal_size"):
+        if getattr(cfg, name) % cfg.patch_size:
+            raise ValueError(f"loca_train: {name}={getattr(cfg, name)} must be a multiple of "
+                             f"patch_size={cfg.patch_size}")
+    query_tokens = (cfg.image_size // cfg.patch_size) ** 2
+    if not 1 <= cfg.query_tokens_kept <= query_tokens:
+        raise ValueError(f"loca_train: query_tokens_kept must be in [1, {query_tokens}], "
+                         f"got {cfg.query_tokens_kept}")
+    if not 0 < cfg.reference_visible <= 1:
+        raise ValueError(f"loca_train: reference_visible must be in (0, 1], got {cfg.reference_visible}")
+    if cfg.embed_dim % cfg.num_heads:
+        raise ValueError(f"loca_train: embed_dim={cfg.embed_dim} must be divisible by "
+                         f"num_heads={cfg.num_heads}")
+    if cfg.source_size < cfg.image_size // 2:
+        raise ValueError(f"loca_train: source_size={cfg.source_size} is far below image_size="
+                         f"{cfg.image_size}; crops would be blown-up blurs")
+    for name in ("steps", "batch_size"):
+        if getattr(cfg, name) < 1:
+            raise ValueError(f"loca_train: {name} must be >= 1, got {getattr(cfg, name)}")
+
+
+def _flag_type(field_type: str):
+    base = field_type.replace("Optional[", "").rstrip("]")
+    return {"int": int, "float": float, "str": str}[base]
+
+
+def parse_args(argv=None) -> Config:
+    """Parse `python -m loca_train` arguments: --preset, then any Config field as --field-name."""
+    parser = argparse.ArgumentParser(
+        prog="python -m loca_train",
+        description="LOCA pretraining (location-aware self-supervised ViT) using loca_kernels. "
+                    "Pick a preset, then override any setting; defaults shown are the tiny preset's.",
+        epilog="Presets other than tiny set: " + ", ".join(
+            f"{name}={values}" for name, values in _OFFICIAL.items())
+            + "; vit_s16: embed_dim=384, num_heads=6; vit_b16: embed_dim=768, num_heads=12.")
+    tiny = Config()
+    parser.add_argument("--preset", default="tiny", choices=sorted(PRESETS),
+                        help="tiny: small ViT on small images, minutes on a CPU; vit_s16/vit_b16: "
+                             "the official LOCA ImageNet recipe")
+    for f in fields(Config):
+        if f.name == "preset":
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        help_text = f"{f.metadata['help']} (tiny: {getattr(tiny, f.name)})"
+        if f.type == "bool":
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        elif f.type.startswith("Tuple"):
+            parser.add_argument(flag, type=float, nargs=2, default=None, metavar=("LOW", "HIGH"),
+                                help=help_text)
+        else:
+            parser.add_argument(flag, type=_flag_type(f.type), default=None, help=help_text)
+    args = vars(parser.parse_args(argv))
+    name = args.pop("preset")
+    overrides = {key: (tuple(value) if isinstance(value, list) else value)
+                 for key, value in args.items() if value is not None}
+    return preset(name, **overrides)

@@ -1,0 +1,131 @@
+"""The LOCA network: a ViT encoder (no class token) with a clustering head, and the query branch
+(one cross-attention block to the reference tokens, then the position predictor).
+
+The student runs everything on the query views; the EMA teacher, a copy of the same network,
+encodes the reference view and gives its tokens (the cross-attention's keys and values) and
+its prototype scores (the Sinkhorn targets).
+"""
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from loca_kernels.modules import LAYER_NORM_EPS, ClusteringHead, CrossAttentionBlock, PositionPredictor
+
+from .config import Config
+
+
+class DropPath(nn.Module):
+    """Stochastic depth: zero a sample's residual branch with probability `rate` in training."""
+
+    def __init__(self, rate: float):
+        super().__init__()
+        self.rate = rate
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.rate == 0:
+            return x
+        keep = torch.rand(x.shape[0], 1, 1, device=x.device) >= self.rate
+        return x * keep.to(x.dtype) / (1 - self.rate)
+
+
+class EncoderBlock(nn.Module):
+    """Pre-norm self-attention + MLP block."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, drop_path: float):
+        super().__init__()
+        self.num_heads = num_heads
+        self.norm1, self.norm2 = nn.LayerNorm(dim, LAYER_NORM_EPS), nn.LayerNorm(dim, LAYER_NORM_EPS)
+        self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+        hidden = int(dim * mlp_ratio)
+        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
+        self.drop_path = DropPath(drop_path)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, d = x.shape
+        q, k, v = self.qkv(self.norm1(x)).view(b, n, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
+        attn = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, d)
+        x = x + self.drop_path(self.proj(attn))
+        return x + self.drop_path(self.mlp(self.norm2(x)))
+
+
+class Encoder(nn.Module):
+    """ViT encoder over a patch grid; positional embeddings are learnt at the reference grid and
+    resized (bilinear, antialiased) for other view sizes, as in the official LOCA code."""
+
+    def __init__(self, cfg: Config):
+        super().__init__()
+        dim, grid = cfg.embed_dim, cfg.image_size // cfg.patch_size
+        self.patch_embed = nn.Conv2d(3, dim, cfg.patch_size, stride=cfg.patch_size)
+        self.pos_embed = nn.Parameter(torch.randn(1, dim, grid, grid) * dim ** -0.5)
+        rates = [cfg.stochastic_depth * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]
+        self.blocks = nn.ModuleList(EncoderBlock(dim, cfg.num_heads, cfg.mlp_ratio, r) for r in rates)
+        self.norm = nn.LayerNorm(dim, LAYER_NORM_EPS)
+
+    def forward(self, images: torch.Tensor, kept: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """images (B, 3, H, W) -> tokens (B, N, dim) in raster order; with kept (B, n) int64,
+        only those token positions are encoded (dropped before the first block)."""
+        x = self.patch_embed(images)
+        pos = self.pos_embed
+        if pos.shape[-2:] != x.shape[-2:]:
+            pos = F.interpolate(pos, size=x.shape[-2:], mode="bilinear", align_corners=False,
+                                antialias=True)
+        x = (x + pos).flatten(2).transpose(1, 2)
+        if kept is not None:
+            x = x.gather(1, kept[..., None].expand(-1, -1, x.shape[-1]))
+        for block in self.blocks:
+            x = block(x)
+        return self.norm(x)
+
+
+class QueryOutputs(NamedTuple):
+    """Student outputs for the first query (B rows) and the focal queries (V_f * B rows)."""
+
+    position_logits: torch.Tensor       # (B, n0, R) and below (V_f * B, nf, R): R reference patches
+    focal_position_logits: torch.Tensor
+    cluster_logits: torch.Tensor        # (B, n0, K) prototype logits
+    focal_cluster_logits: torch.Tensor
+
+
+class LocaNet(nn.Module):
+    """Encoder + clustering head + cross-attention block + position predictor."""
+
+    def __init__(self, cfg: Config):
+        super().__init__()
+        ref_grid = cfg.image_size // cfg.patch_size
+        self.encoder = Encoder(cfg)
+        self.cluster_head = ClusteringHead(cfg.embed_dim, cfg.num_prototypes,
+                                           hidden_dim=cfg.head_hidden_dim,
+                                           bottleneck_dim=cfg.head_bottleneck_dim)
+        self.cross_block = CrossAttentionBlock(cfg.embed_dim, cfg.num_heads, mlp_ratio=cfg.mlp_ratio,
+                                               backend=cfg.backend)
+        self.position_head = PositionPredictor(cfg.embed_dim, ref_grid * ref_grid)
+        self.apply(_init_weights)
+
+    def reference(self, images: torch.Tensor):
+        """Teacher side: reference tokens (B, R, dim) and their prototype logits (B, R, K)."""
+        tokens = self.encoder(images)
+        return tokens, self.cluster_head(tokens)
+
+    def forward(self, query: torch.Tensor, query_kept: torch.Tensor, focal: torch.Tensor,
+                ref_tokens: torch.Tensor, ref_keep) -> QueryOutputs:
+        """Student side: the first query (B, 3, H, W) encoded at its kept tokens, the focal
+        queries (V_f * B, 3, h, w) whole; both attend the visible reference tokens."""
+        tokens = self.encoder(query, query_kept)
+        focal_tokens = self.encoder(focal)
+        return QueryOutputs(
+            self.position_head(self.cross_block(tokens, ref_tokens, ref_keep)),
+            self.position_head(self.cross_block(focal_tokens, ref_tokens, ref_keep)),
+            self.cluster_head(tokens),
+            self.cluster_head(focal_tokens),
+        )
+
+
+def _init_weights(module: nn.Module) -> None:
+    if isinstance(module, nn.Linear):
+        nn.init.trunc_normal_(module.weight, std=0.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)

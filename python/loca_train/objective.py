@@ -1,0 +1,77 @@
+"""One LOCA forward pass: views from a batch, teacher targets, student predictions, the loss.
+
+Library calls: relative_position_targets (which reference patch each query patch lies on),
+masked_cross_attention (inside the student's CrossAttentionBlock, one visible run of
+reference tokens shared by the batch), sinkhorn (teacher assignments over the whole group's
+reference patches), gather_at_targets and LocaLoss (the three loss terms).
+"""
+from __future__ import annotations
+
+from typing import Dict, Tuple
+
+import torch
+
+from loca_kernels import KeepRun, relative_position_targets, sinkhorn
+from loca_kernels.losses import LocaLoss
+
+from .batches import Batch, reference_visible_tokens
+from .config import Config
+from .views import make_views
+
+
+def _patches_per_image(view_major: torch.Tensor, batch: int) -> torch.Tensor:
+    """(V * B, N, ...) in view-major order -> (B, V * N, ...): the patches of each image together."""
+    per_view = view_major.unflatten(0, (-1, batch)).transpose(0, 1)
+    return per_view.flatten(1, 2)
+
+
+def loca_forward(student, teacher_reference, loss_fn: LocaLoss, batch: Batch, cfg: Config,
+                 group=None) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+    """Loss and metrics (detached scalars) of one step on `batch` (already on the device).
+
+    student: LocaNet (or its DDP/compiled wrapper) called on the query views; teacher_reference:
+    the teacher's LocaNet.reference. Run under autocast for mixed precision.
+    """
+    b = batch.images.shape[0]
+    ref_grid, focal_grid = cfg.image_size // cfg.patch_size, cfg.focal_size // cfg.patch_size
+    visible = reference_visible_tokens(cfg)
+    jitter, gray = batch.jitter, batch.grayscale
+    reference = make_views(batch.images, batch.ref_boxes[:, None], cfg.image_size, None, jitter[:1], gray[:1])
+    query = make_views(batch.images, batch.query_boxes[:, :1], cfg.image_size, batch.query_flips[:, :1],
+                       jitter[1:2], gray[1:2])
+    focal = make_views(batch.images, batch.query_boxes[:, 1:], cfg.focal_size, batch.query_flips[:, 1:],
+                       jitter[2:], gray[2:])
+
+    # Targets: which reference patch each query patch lies on (-1: outside the reference).
+    query_targets = relative_position_targets(
+        batch.query_boxes[:, :1], batch.ref_boxes, (ref_grid, ref_grid), (ref_grid, ref_grid),
+        query_flip=batch.query_flips[:, :1], backend=cfg.backend)
+    query_targets = query_targets[:, 0].gather(1, batch.query_kept)                 # (B, n0)
+    focal_targets = relative_position_targets(
+        batch.query_boxes[:, 1:], batch.ref_boxes, (focal_grid, focal_grid), (ref_grid, ref_grid),
+        query_flip=batch.query_flips[:, 1:], backend=cfg.backend)                   # (B, Vf, nf)
+    targets = torch.cat([query_targets, focal_targets.flatten(1)], dim=1)[:, None]   # (B, 1, n)
+
+    with torch.no_grad():
+        ref_tokens, ref_scores = teacher_reference(reference)                        # (B, R, dim), (B, R, K)
+        assignments = sinkhorn(ref_scores.flatten(0, 1), epsilon=cfg.sharpening,
+                               iterations=cfg.sinkhorn_iterations, group=group,
+                               backend=cfg.backend).view_as(ref_scores)
+    keep = KeepRun(batch.ref_visible_start, visible)
+    out = student(query, batch.query_kept, focal, ref_tokens, keep)
+    position_logits = torch.cat([out.position_logits,
+                                 _patches_per_image(out.focal_position_logits, b)], dim=1)
+    cluster_logits = torch.cat([out.cluster_logits,
+                                _patches_per_image(out.focal_cluster_logits, b)], dim=1)
+    loss, terms = loss_fn(position_logits[:, None], targets, cluster_logits[:, None], assignments)
+
+    with torch.no_grad():
+        valid = targets != loss_fn.ignore_index
+        start = batch.ref_visible_start
+        seen = valid & (targets >= start) & (targets < start + visible)
+        correct = position_logits[:, None].argmax(-1) == targets
+        metrics = {f"loss_{name}": value.detach() for name, value in terms.items()}
+        metrics["loc_acc"] = (correct & valid).sum() / valid.sum().clamp_min(1)
+        metrics["loc_acc_visible"] = (correct & seen).sum() / seen.sum().clamp_min(1)
+        metrics["valid_patch_fraction"] = valid.float().mean()
+    return loss, metrics
