@@ -14,5 +14,6 @@ __all__ = [
     "relative_position_targets", "gather_at_targets", "sinkhorn",
 ]
 from .modules import ClusteringHead, CrossAttentionBlock, MaskedCrossAttention, PositionPredictor  # noqa: E402
+from .losses import LocaLoss  # noqa: E402
 
-__all__ += ["MaskedCrossAttention", "CrossAttentionBlock", "PositionPredictor", "ClusteringHead"]
+__all__ += ["MaskedCrossAttention", "CrossAttentionBlock", "PositionPredictor", "ClusteringHead", "LocaLoss"]

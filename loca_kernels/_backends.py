@@ -40,6 +40,8 @@ TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 TRITON_AVAILABLE = importlib.util.find_spec("triton") is not None
 
 
+# Fixed once the extension is imported; torch.compile cannot trace the registry query.
+@torch.compiler.assume_constant_result
 def extension_has_kernel(op_name: str, dispatch_key: str) -> bool:
     """True when loca_kernels::<op_name> has a compiled kernel for `dispatch_key`."""
     if EXTENSION_ERROR is not None:
