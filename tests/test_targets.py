@@ -4,44 +4,55 @@ import pytest
 import torch
 
 import loca_kernels as lk
+from loca_kernels._backends import extension_has_kernel
 from loca_kernels.targets import geometry
 
 OP = "relative_position_targets"
+BACKENDS = [
+    "torch",
+    pytest.param("cpu", marks=pytest.mark.skipif(not extension_has_kernel(OP, "CPU"),
+                                                 reason="extension built without the CPU targets kernel")),
+]
 
 
-def one(query_box, ref_box, query_grid=(2, 2), ref_grid=(4, 4), **kw):
+@pytest.fixture(params=BACKENDS)
+def backend(request):
+    return request.param
+
+
+def one(query_box, ref_box, query_grid=(2, 2), ref_grid=(4, 4), backend="torch", **kw):
     return lk.relative_position_targets(torch.tensor([[query_box]], dtype=torch.float32),
                                         torch.tensor([ref_box], dtype=torch.float32),
-                                        query_grid, ref_grid, **kw)[0, 0].tolist()
+                                        query_grid, ref_grid, backend=backend, **kw)[0, 0].tolist()
 
 
-def test_hand_worked_example():
+def test_hand_worked_example(backend):
     # Query crop (0, 0, 4, 4) on a 2x2 grid: centres (1, 1), (3, 1), (1, 3), (3, 3).
     # Reference crop (0, 0, 8, 8) on a 4x4 grid: patches of 2 px, so the centres fall in
     # columns 0, 1 of rows 0, 1: targets 0, 1, 4, 5.
-    assert one((0, 0, 4, 4), (0, 0, 8, 8)) == [0, 1, 4, 5]
+    assert one((0, 0, 4, 4), backend=backend, ref_box=(0, 0, 8, 8)) == [0, 1, 4, 5]
     flag = torch.tensor([[True]])
     # Query flipped left-right: its columns swap.
-    assert one((0, 0, 4, 4), (0, 0, 8, 8), query_flip=flag) == [1, 0, 5, 4]
+    assert one((0, 0, 4, 4), backend=backend, ref_box=(0, 0, 8, 8), query_flip=flag) == [1, 0, 5, 4]
     # Reference flipped: column c becomes 3 - c.
-    assert one((0, 0, 4, 4), (0, 0, 8, 8), ref_flip=flag[0]) == [3, 2, 7, 6]
+    assert one((0, 0, 4, 4), backend=backend, ref_box=(0, 0, 8, 8), ref_flip=flag[0]) == [3, 2, 7, 6]
     # Query turned by rot90(k=1): [[0, 1], [4, 5]] -> [[1, 5], [0, 4]].
-    assert one((0, 0, 4, 4), (0, 0, 8, 8), query_rot90=torch.tensor([[1]])) == [1, 5, 0, 4]
+    assert one((0, 0, 4, 4), backend=backend, ref_box=(0, 0, 8, 8), query_rot90=torch.tensor([[1]])) == [1, 5, 0, 4]
     # Non-square grid, turned once: the crop's height is split into 3 rows before turning.
     # Crop (0, 0, 4, 6), un-turned grid 3x2: centres x in (1, 3), y in (1, 3, 5); reference
     # (0, 0, 8, 8) 4x4: [[0, 1], [4, 5], [8, 9]] turned -> [[1, 5, 9], [0, 4, 8]].
-    assert one((0, 0, 4, 6), (0, 0, 8, 8), query_grid=(2, 3),
+    assert one((0, 0, 4, 6), backend=backend, ref_box=(0, 0, 8, 8), query_grid=(2, 3),
                query_rot90=torch.tensor([[1]])) == [1, 5, 9, 0, 4, 8]
 
 
-def test_half_open_boxes_and_patch_edges():
+def test_half_open_boxes_and_patch_edges(backend):
     # Centre x = 1 on the reference's left edge: inside; x = 3 on a patch edge: the right patch.
-    assert one((0, 0, 4, 4), (1, 1, 9, 9)) == [0, 1, 4, 5]
+    assert one((0, 0, 4, 4), backend=backend, ref_box=(1, 1, 9, 9)) == [0, 1, 4, 5]
     # Reference (0, 0, 3, 3) in 1 px patches: centre (1, 1) is patch (1, 1) = 4; centres with
     # x = 3 or y = 3 lie on its right/bottom edge: outside.
-    assert one((0, 0, 4, 4), (0, 0, 3, 3), ref_grid=(3, 3)) == [4, -1, -1, -1]
+    assert one((0, 0, 4, 4), backend=backend, ref_box=(0, 0, 3, 3), ref_grid=(3, 3)) == [4, -1, -1, -1]
     # No overlap at all, with another ignore_index.
-    assert one((0, 0, 4, 4), (10, 10, 20, 20), ignore_index=-100) == [-100] * 4
+    assert one((0, 0, 4, 4), backend=backend, ref_box=(10, 10, 20, 20), ignore_index=-100) == [-100] * 4
 
 
 def explicit_targets(qb, rb, qg, rg, qf, rf, qr, ignore_index=-1):
@@ -74,17 +85,34 @@ def explicit_targets(qb, rb, qg, rg, qf, rf, qr, ignore_index=-1):
 
 
 @pytest.mark.parametrize("query_grid,ref_grid", [((6, 6), (14, 14)), ((2, 3), (5, 4)), ((1, 1), (1, 7))])
-def test_random_boxes_flips_and_turns(query_grid, ref_grid):
+def test_random_boxes_flips_and_turns(query_grid, ref_grid, backend):
     gen = torch.Generator().manual_seed(1)
     b, v = 4, 6
     qb = geometry.sample_boxes(b, v, (97, 131), (0.001, 1.0), generator=gen) * 0.37  # tiny to huge
     rb = geometry.sample_boxes(b, 1, (97, 131), (0.2, 1.0), generator=gen)[:, 0] * 0.37
     qf, rf = geometry.sample_flips(b, v, generator=gen), geometry.sample_flips(b, 1, generator=gen)[:, 0]
     qr = torch.randint(0, 4, (b, v), generator=gen)
-    got = lk.relative_position_targets(qb, rb, query_grid, ref_grid, query_flip=qf, ref_flip=rf, query_rot90=qr)
+    got = lk.relative_position_targets(qb, rb, query_grid, ref_grid, query_flip=qf, ref_flip=rf, query_rot90=qr,
+                                       backend=backend)
     assert got.dtype == torch.int64 and got.shape == (b, v, query_grid[0] * query_grid[1])
     assert torch.equal(got, explicit_targets(qb, rb, query_grid, ref_grid, qf, rf, qr))
     assert (got != -1).any() and (got == -1).any()  # both cases were exercised
+
+
+@pytest.mark.skipif(not extension_has_kernel(OP, "CPU"), reason="extension built without the CPU targets kernel")
+def test_opcheck_cpu_kernel():
+    gen = torch.Generator().manual_seed(2)
+    qb = geometry.sample_boxes(3, 2, (50, 60), (0.05, 0.5), generator=gen)
+    rb = geometry.sample_boxes(3, 1, (50, 60), (0.3, 1.0), generator=gen)[:, 0]
+    args = (qb, rb, [3, 2], [5, 4], torch.tensor([[True, False]] * 3), torch.tensor([False, True, False]),
+            torch.tensor([[0, 1], [2, 3], [1, 0]]), -1)
+    torch.library.opcheck(torch.ops.loca_kernels.relative_position_targets.default, args)
+
+
+def test_cpu_backend_by_name_refuses_other_devices():
+    boxes = torch.zeros(1, 1, 4, device="meta")
+    with pytest.raises((RuntimeError, ValueError)):
+        lk.relative_position_targets(boxes, torch.zeros(1, 4, device="meta"), (2, 2), (2, 2), backend="cpu")
 
 
 @pytest.mark.parametrize("bad,kind,match", [
@@ -152,3 +180,22 @@ def test_drop_tokens_keeps_a_sorted_subset_with_its_targets():
     assert torch.equal(kept_targets, targets.gather(1, kept))
     with pytest.raises(ValueError, match="num_keep"):
         geometry.drop_tokens(targets, 11)
+
+
+@pytest.mark.skipif(not extension_has_kernel(OP, "CPU"), reason="extension built without the CPU targets kernel")
+def test_cpu_kernel_equals_reference_on_many_views_with_edge_hits():
+    # Integer boxes on a lattice make many centres land exactly on patch and box edges.
+    gen = torch.Generator().manual_seed(4)
+    b, v = 64, 10
+    corner = torch.randint(0, 40, (b, v, 2), generator=gen)
+    size = torch.randint(1, 60, (b, v, 2), generator=gen)
+    qb = torch.cat([corner, corner + size], dim=-1).double()
+    rb = torch.tensor([[6.0, 12.0, 34.0, 40.0]]).repeat(b, 1)
+    qf, rf = torch.rand(b, v, generator=gen) < 0.5, torch.rand(b, generator=gen) < 0.5
+    qr = torch.randint(0, 4, (b, v), generator=gen)
+    args = (qb, rb, (6, 6), (14, 14))
+    kw = dict(query_flip=qf, ref_flip=rf, query_rot90=qr)
+    expected = lk.relative_position_targets(*args, **kw, backend="torch")
+    assert torch.equal(lk.relative_position_targets(*args, **kw, backend="cpu"), expected)
+    assert torch.equal(lk.relative_position_targets(qb.float(), rb.float(), (6, 6), (14, 14), **kw, backend="cpu"),
+                       lk.relative_position_targets(qb.float(), rb.float(), (6, 6), (14, 14), **kw, backend="torch"))

@@ -9,13 +9,31 @@ from typing import Optional
 
 import torch
 
-from .._backends import choose_backend
+from .._backends import EXTENSION_ERROR, choose_backend, extension_has_kernel
 from .._validation import check_grid, check_same_device, check_tensor, shape_str, values_checkable
 from . import reference
 
 __all__ = ["relative_position_targets", "gather_at_targets"]
 
 OP = "relative_position_targets"
+
+if EXTENSION_ERROR is None:
+    @torch.library.register_fake("loca_kernels::relative_position_targets")
+    def _targets_fake(query_boxes, ref_boxes, query_grid, ref_grid, query_flip, ref_flip, query_rot90,
+                      ignore_index):
+        b, v = query_boxes.shape[:2]
+        return query_boxes.new_empty((b, v, query_grid[0] * query_grid[1]), dtype=torch.int64)
+
+
+def _support(device: torch.device) -> dict:
+    def cpu():
+        if device.type != "cpu":
+            return f"tensors are on {device}, the 'cpu' backend needs CPU tensors"
+        if not extension_has_kernel(OP, "CPU"):
+            return "the extension was built without the CPU targets kernel"
+        return None
+
+    return {"cpu": cpu}
 
 
 def _optional_per_view(name: str, x, shape: tuple, device, dtype_kind: str) -> torch.Tensor:
@@ -82,9 +100,13 @@ def relative_position_targets(query_boxes: torch.Tensor, ref_boxes: torch.Tensor
     query_flip = _optional_per_view("query_flip", query_flip, (b, v), device, "bool")
     ref_flip = _optional_per_view("ref_flip", ref_flip, (b,), device, "bool")
     query_rot90 = _optional_per_view("query_rot90", query_rot90, (b, v), device, "int")
-    choose_backend(OP, backend, device, {})
-    return reference.relative_position_targets(query_boxes, ref_boxes, query_grid, ref_grid, query_flip,
-                                               ref_flip, query_rot90, ignore_index)
+    name = choose_backend(OP, backend, device, _support(device))
+    if name == "torch":
+        return reference.relative_position_targets(query_boxes, ref_boxes, query_grid, ref_grid, query_flip,
+                                                   ref_flip, query_rot90, ignore_index)
+    return torch.ops.loca_kernels.relative_position_targets(query_boxes, ref_boxes, list(query_grid),
+                                                            list(ref_grid), query_flip, ref_flip, query_rot90,
+                                                            ignore_index)
 
 
 def gather_at_targets(values: torch.Tensor, targets: torch.Tensor, *, ignore_index: int = -1,

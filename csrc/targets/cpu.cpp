@@ -1,0 +1,89 @@
+// Relative-position targets on the CPU: one pass over the patches of every query view,
+// OpenMP over views. The arithmetic is the reference's (loca_kernels/targets/reference.py),
+// in float64 and in the same order, so that results are identical element for element.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+
+namespace {
+
+at::Tensor relative_position_targets_cpu(const at::Tensor& query_boxes, const at::Tensor& ref_boxes,
+                                         at::IntArrayRef query_grid, at::IntArrayRef ref_grid,
+                                         const at::Tensor& query_flip, const at::Tensor& ref_flip,
+                                         const at::Tensor& query_rot90, int64_t ignore_index) {
+  TORCH_CHECK(query_boxes.dim() == 3 && query_boxes.size(2) == 4, "query_boxes must be (B, V, 4), got ",
+              query_boxes.sizes());
+  const int64_t batch = query_boxes.size(0), views = query_boxes.size(1);
+  TORCH_CHECK(ref_boxes.sizes() == at::IntArrayRef({batch, 4}), "ref_boxes must be (", batch, ", 4), got ",
+              ref_boxes.sizes());
+  TORCH_CHECK(query_flip.sizes() == at::IntArrayRef({batch, views}) &&
+                  query_rot90.sizes() == at::IntArrayRef({batch, views}) &&
+                  ref_flip.sizes() == at::IntArrayRef({batch}),
+              "query_flip and query_rot90 must be (B, V) and ref_flip (B,)");
+  TORCH_CHECK(query_grid.size() == 2 && ref_grid.size() == 2, "grids must be (rows, cols)");
+  const int64_t hq = query_grid[0], wq = query_grid[1], hr = ref_grid[0], wr = ref_grid[1];
+  TORCH_CHECK(hq > 0 && wq > 0 && hr > 0 && wr > 0, "grids must have positive sides");
+
+  // Small per-view inputs: converting them is cheap and keeps one arithmetic (float64).
+  const at::Tensor qb = query_boxes.to(at::kDouble).contiguous();
+  const at::Tensor rb = ref_boxes.to(at::kDouble).contiguous();
+  const at::Tensor qf = query_flip.to(at::kBool).contiguous();
+  const at::Tensor rf = ref_flip.to(at::kBool).contiguous();
+  const at::Tensor qr = query_rot90.to(at::kLong).contiguous();
+  at::Tensor out = at::empty({batch, views, hq * wq}, query_boxes.options().dtype(at::kLong));
+
+  const double* qbp = qb.data_ptr<double>();
+  const double* rbp = rb.data_ptr<double>();
+  const bool* qfp = qf.data_ptr<bool>();
+  const bool* rfp = rf.data_ptr<bool>();
+  const int64_t* qrp = qr.data_ptr<int64_t>();
+  int64_t* outp = out.data_ptr<int64_t>();
+
+  at::parallel_for(0, batch * views, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t view = begin; view < end; ++view) {
+      const int64_t b = view / views;
+      const int64_t turns = qrp[view] & 3;
+      // The crop is cut on the grid of the view before turning.
+      const int64_t gh = turns % 2 == 0 ? hq : wq, gw = turns % 2 == 0 ? wq : hq;
+      const double* box = qbp + view * 4;
+      const double* ref = rbp + b * 4;
+      const double step_x = (box[2] - box[0]) / gw, step_y = (box[3] - box[1]) / gh;
+      const double scale_x = wr / (ref[2] - ref[0]), scale_y = hr / (ref[3] - ref[1]);
+      int64_t* target = outp + view * hq * wq;
+      for (int64_t i = 0; i < hq; ++i) {
+        for (int64_t j = 0; j < wq; ++j) {
+          // Output (i, j) of torch.rot90(grid, turns) reads grid[r][c] of the flipped grid.
+          int64_t r, c;
+          switch (turns) {
+            case 0: r = i; c = j; break;
+            case 1: r = j; c = gw - 1 - i; break;
+            case 2: r = gh - 1 - i; c = gw - 1 - j; break;
+            default: r = gh - 1 - j; c = i; break;
+          }
+          if (qfp[view]) c = gw - 1 - c;
+          const double x = box[0] + (c + 0.5) * step_x;
+          const double y = box[1] + (r + 0.5) * step_y;
+          int64_t value = ignore_index;
+          if (x >= ref[0] && x < ref[2] && y >= ref[1] && y < ref[3]) {
+            int64_t col = std::clamp<int64_t>(static_cast<int64_t>(std::floor((x - ref[0]) * scale_x)), 0, wr - 1);
+            const int64_t row =
+                std::clamp<int64_t>(static_cast<int64_t>(std::floor((y - ref[1]) * scale_y)), 0, hr - 1);
+            if (rfp[b]) col = wr - 1 - col;
+            value = row * wr + col;
+          }
+          target[i * wq + j] = value;
+        }
+      }
+    }
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(loca_kernels, CPU, m) {
+  m.impl("relative_position_targets", &relative_position_targets_cpu);
+}
