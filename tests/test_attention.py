@@ -1,0 +1,151 @@
+"""masked_cross_attention: the reference against an explicit per-row computation, float64
+gradcheck, the keep forms, fully masked rows, and every SPEC error."""
+import pytest
+import torch
+
+import loca_kernels as lk
+from helpers import assert_close
+
+
+def explicit(q, k, v, mask, scale):
+    """One query row at a time, visible keys gathered: independent of the reference's code."""
+    out = torch.zeros_like(q, dtype=torch.float64)
+    bk = k.shape[0]
+    for i in range(q.shape[0]):
+        visible = mask[i].nonzero().flatten()
+        if len(visible) == 0:
+            continue
+        kk, vv = k[i % bk, visible].double(), v[i % bk, visible].double()   # (n, H, D)
+        scores = torch.einsum("qhd,nhd->hqn", q[i].double(), kk) * scale
+        out[i] = torch.einsum("hqn,nhd->qhd", scores.softmax(-1), vv)
+    return out
+
+
+def make(bk, views, nq, nk, h, d, dtype=torch.float64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(views * bk, nq, h, d, generator=g, dtype=dtype)
+    k = torch.randn(bk, nk, h, d, generator=g, dtype=dtype)
+    v = torch.randn(bk, nk, h, d, generator=g, dtype=dtype)
+    return q, k, v
+
+
+def keep_forms(bk, views, nk, g):
+    bq = bk * views
+    per_row = torch.rand(bq, nk, generator=g) < 0.4
+    per_row[0] = False                                   # a row with no visible key
+    shared = torch.rand(bk, nk, generator=g) < 0.5
+    return {
+        "none": None,
+        "bool_per_row": per_row,
+        "bool_shared": shared,
+        "index_per_row": lk.random_keep(bq, nk, max(1, nk // 3), generator=g),
+        "index_shared": lk.random_keep(bk, nk, max(1, nk // 2), generator=g),
+        "run_shared_by_all": lk.consecutive_keep(1, nk, max(1, nk // 5), generator=g, as_run=True),
+        "run_as_index": lk.consecutive_keep(bk, nk, max(1, nk // 5), generator=g),
+    }
+
+
+@pytest.mark.parametrize("shape", [(2, 1, 1, 1, 1, 16), (2, 9, 7, 7, 3, 16), (1, 10, 36, 196, 2, 64)])
+def test_reference_matches_explicit_rows_for_every_keep_form(shape):
+    bk, views, nq, nk, h, d = shape
+    q, k, v = make(bk, views, nq, nk, h, d)
+    for name, keep in keep_forms(bk, views, nk, torch.Generator().manual_seed(1)).items():
+        mask = lk.keep_to_mask(keep, q.shape[0], nk, q.device)
+        got = lk.masked_cross_attention(q, k, v, keep, backend="torch")
+        assert_close(got, explicit(q, k, v, mask, d ** -0.5), name=name)
+
+
+def test_reference_gradcheck_float64_with_a_fully_masked_row():
+    q, k, v = (t.requires_grad_() for t in make(2, 3, 5, 7, 3, 4))
+    keep = torch.rand(6, 7, generator=torch.Generator().manual_seed(0)) < 0.5
+    keep[2] = False
+    fn = lambda q, k, v: lk.masked_cross_attention(q, k, v, keep, scale=0.7, backend="torch")  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (q, k, v))
+    out = fn(q, k, v)
+    assert (out[2] == 0).all()
+    out.sum().backward()
+    assert (q.grad[2] == 0).all() and torch.isfinite(k.grad).all()
+
+
+def test_scale_and_dtype_of_the_output():
+    q, k, v = make(1, 2, 3, 4, 1, 8, dtype=torch.float32)
+    out = lk.masked_cross_attention(q, k, v, scale=0.1, backend="torch")
+    assert out.dtype == torch.float32
+    assert_close(out, explicit(q, k, v, torch.ones(2, 4, dtype=torch.bool), 0.1))
+
+
+def _base():
+    return make(2, 3, 4, 5, 2, 8, dtype=torch.float32)
+
+
+@pytest.mark.parametrize("case,kind,match", [
+    ("rank", ValueError, r"q must have 4 dimensions \(B, N, H, D\), got shape \(6, 4, 8\)"),
+    ("multiple", ValueError, r"Bq=6 \(q.shape\[0\]\) must be a multiple of Bk=4"),
+    ("heads", ValueError, "q has H=2, D=8 but k has H=3, D=8"),
+    ("dim", ValueError, "q has H=2, D=8 but k has H=2, D=4"),
+    ("kv_shape", ValueError, "k and v must have the same shape"),
+    ("dtype_mix", TypeError, "must share one dtype"),
+    ("int_q", TypeError, r"q must have dtype in \(float32, float16, bfloat16, float64\), got torch.int64"),
+    ("keep_rows", ValueError, r"keep must have R in \(1, Bk=2, Bq=6\) rows, got shape \(4, 5\)"),
+    ("keep_cols", ValueError, r"bool keep must have shape \(R, Nk=5\), got \(2, 6\)"),
+    ("keep_float", TypeError, "keep must be a bool mask or an integer index tensor, got torch.float32"),
+    ("keep_range", ValueError, r"keep positions out of range: expected values in \[0, 5\)"),
+    ("keep_negative", ValueError, "keep positions out of range"),
+    ("keep_repeat", ValueError, "keep positions must be distinct"),
+    ("run_range", ValueError, "keep run positions out of range"),
+    ("device", ValueError, "k is on meta but q is on cpu"),
+    ("keep_device", ValueError, "keep is on meta but q is on cpu"),
+    ("not_tensor", TypeError, "v must be a torch.Tensor, got list"),
+    ("head_dim", ValueError, "head dim D=300 is larger than the supported 256"),
+    ("backend", ValueError, "backend must be None or one of"),
+])
+def test_errors(case, kind, match):
+    q, k, v = _base()
+    keep, kwargs = None, {}
+    if case == "rank":
+        q = q[:, :, 0]
+    elif case == "multiple":
+        k, v = torch.zeros(4, 5, 2, 8), torch.zeros(4, 5, 2, 8)
+    elif case == "heads":
+        k, v = torch.zeros(2, 5, 3, 8), torch.zeros(2, 5, 3, 8)
+    elif case == "dim":
+        k, v = torch.zeros(2, 5, 2, 4), torch.zeros(2, 5, 2, 4)
+    elif case == "kv_shape":
+        v = torch.zeros(2, 6, 2, 8)
+    elif case == "dtype_mix":
+        v = v.half()
+    elif case == "int_q":
+        q = q.long()
+    elif case == "keep_rows":
+        keep = torch.ones(4, 5, dtype=torch.bool)
+    elif case == "keep_cols":
+        keep = torch.ones(2, 6, dtype=torch.bool)
+    elif case == "keep_float":
+        keep = torch.ones(2, 5)
+    elif case == "keep_range":
+        keep = torch.tensor([[0, 5], [1, 2]])
+    elif case == "keep_negative":
+        keep = torch.tensor([[0, -1], [1, 2]])
+    elif case == "keep_repeat":
+        keep = torch.tensor([[1, 1], [1, 2]])
+    elif case == "run_range":
+        keep = lk.KeepRun(torch.tensor([3, 0]), 3)
+    elif case == "device":
+        k = k.to("meta")
+    elif case == "keep_device":
+        keep = torch.ones(2, 5, dtype=torch.bool, device="meta")
+    elif case == "not_tensor":
+        v = v.tolist()
+    elif case == "head_dim":
+        q, k, v = torch.zeros(2, 1, 1, 300), torch.zeros(2, 1, 1, 300), torch.zeros(2, 1, 1, 300)
+    elif case == "backend":
+        kwargs["backend"] = "fast"
+    with pytest.raises(kind, match=match):
+        lk.masked_cross_attention(q, k, v, keep, **kwargs)
+
+
+def test_inputs_are_not_written():
+    q, k, v = _base()
+    copies = [t.clone() for t in (q, k, v)]
+    lk.masked_cross_attention(q, k, v, torch.tensor([[0, 3], [1, 2]]))
+    assert all(torch.equal(a, b) for a, b in zip((q, k, v), copies))
