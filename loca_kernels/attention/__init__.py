@@ -101,7 +101,9 @@ def _support(q: torch.Tensor) -> dict:
         return check
 
     def triton() -> Optional[str]:
-        if "triton" not in FORWARD or not triton_can_run(device):
+        if "triton" not in FORWARD:
+            return "the Triton attention kernels are not available (is triton installed?)"
+        if not triton_can_run(device):
             return f"Triton cannot run on {device} here (CPU tensors need TRITON_INTERPRET=1)"
         if q.dtype not in FLOAT_DTYPES:
             return f"dtype {q.dtype} is not one of {FLOAT_DTYPES}"
