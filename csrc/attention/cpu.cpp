@@ -60,30 +60,46 @@ Keep make_keep(const at::Tensor& keep_index, const at::Tensor& keep_count, bool 
           is_run};
 }
 
+// Visible rows of x (b, :, h) gathered as a (L, D) buffer, or transposed as (D, L) so that
+// the scores of one query against all keys are a loop over keys the compiler vectorises.
 template <typename acc_t, typename scalar_t>
 void gather_rows(const Tokens<scalar_t>& x, int64_t b, int64_t h, const std::vector<int64_t>& positions, int64_t d,
-                 std::vector<acc_t>& out) {
-  out.resize(positions.size() * d);
-  for (size_t j = 0; j < positions.size(); ++j) {
+                 bool transposed, std::vector<acc_t>& out) {
+  const int64_t n = positions.size();
+  out.resize(n * d);
+  for (int64_t j = 0; j < n; ++j) {
     const scalar_t* row = x.at(b, positions[j], h);
-    for (int64_t e = 0; e < d; ++e) out[j * d + e] = static_cast<acc_t>(row[e]);
+    for (int64_t e = 0; e < d; ++e) out[transposed ? e * n + j : j * d + e] = static_cast<acc_t>(row[e]);
   }
 }
 
-// Scaled scores of one query row against the gathered keys, softmax-normalised in place;
-// returns the log-sum-exp (-inf when no key is visible).
 template <typename acc_t, typename scalar_t>
-acc_t softmax_row(const scalar_t* q_row, const std::vector<acc_t>& keys, int64_t n_keys, int64_t d, acc_t scale,
-                  std::vector<acc_t>& p) {
-  p.resize(n_keys);
+void load_row(const scalar_t* row, int64_t d, std::vector<acc_t>& out) {
+  out.resize(d);
+  for (int64_t e = 0; e < d; ++e) out[e] = static_cast<acc_t>(row[e]);
+}
+
+// out[j] = sum_e row[e] * columns[e, j] for the (D, L) buffer `columns`.
+template <typename acc_t>
+void row_times_columns(const std::vector<acc_t>& row, const std::vector<acc_t>& columns, int64_t n, int64_t d,
+                       std::vector<acc_t>& out) {
+  out.assign(n, acc_t(0));
+  for (int64_t e = 0; e < d; ++e) {
+    const acc_t x = row[e];
+    const acc_t* column = &columns[e * n];
+    for (int64_t j = 0; j < n; ++j) out[j] += x * column[j];
+  }
+}
+
+// Softmax of the scaled scores of one query row against the (D, L) keys, in `p`;
+// returns the log-sum-exp (-inf when no key is visible).
+template <typename acc_t>
+acc_t softmax_row(const std::vector<acc_t>& q_row, const std::vector<acc_t>& keys_t, int64_t n_keys, int64_t d,
+                  acc_t scale, std::vector<acc_t>& p) {
+  row_times_columns(q_row, keys_t, n_keys, d, p);
   if (n_keys == 0) return -std::numeric_limits<acc_t>::infinity();
   acc_t peak = -std::numeric_limits<acc_t>::infinity();
-  for (int64_t j = 0; j < n_keys; ++j) {
-    acc_t dot = 0;
-    for (int64_t e = 0; e < d; ++e) dot += static_cast<acc_t>(q_row[e]) * keys[j * d + e];
-    p[j] = dot * scale;
-    peak = std::max(peak, p[j]);
-  }
+  for (int64_t j = 0; j < n_keys; ++j) peak = std::max(peak, p[j] *= scale);
   acc_t total = 0;
   for (int64_t j = 0; j < n_keys; ++j) total += (p[j] = std::exp(p[j] - peak));
   for (int64_t j = 0; j < n_keys; ++j) p[j] /= total;
@@ -99,19 +115,23 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
   float* lse_p = lse.data_ptr<float>();
   at::parallel_for(0, bk * heads, 1, [&](int64_t begin, int64_t end) {
     std::vector<int64_t> positions;
-    std::vector<acc_t> keys, values, p, acc(d);
+    std::vector<acc_t> keys_t, values, q_row, p, acc(d);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / heads, h = task % heads;
       for (int64_t i = b; i < bq; i += bk) {
         keep.positions(i, positions);
-        gather_rows(K, b, h, positions, d, keys);
-        gather_rows(V, b, h, positions, d, values);
+        gather_rows(K, b, h, positions, d, true, keys_t);
+        gather_rows(V, b, h, positions, d, false, values);
         const int64_t n_keys = positions.size();
         for (int64_t n = 0; n < nq; ++n) {
-          const acc_t row_lse = softmax_row(Q.at(i, n, h), keys, n_keys, d, static_cast<acc_t>(scale), p);
+          load_row(Q.at(i, n, h), d, q_row);
+          const acc_t row_lse = softmax_row(q_row, keys_t, n_keys, d, static_cast<acc_t>(scale), p);
           std::fill(acc.begin(), acc.end(), acc_t(0));
-          for (int64_t j = 0; j < n_keys; ++j)
-            for (int64_t e = 0; e < d; ++e) acc[e] += p[j] * values[j * d + e];
+          for (int64_t j = 0; j < n_keys; ++j) {
+            const acc_t pj = p[j];
+            const acc_t* value = &values[j * d];
+            for (int64_t e = 0; e < d; ++e) acc[e] += pj * value[e];
+          }
           scalar_t* o = O.at(i, n, h);
           for (int64_t e = 0; e < d; ++e) o[e] = static_cast<scalar_t>(acc[e]);
           lse_p[(i * heads + h) * nq + n] = static_cast<float>(row_lse);
@@ -132,38 +152,35 @@ void backward_kernel(const at::Tensor& grad_out, const at::Tensor& q, const at::
   const acc_t s = static_cast<acc_t>(scale);
   at::parallel_for(0, bk * heads, 1, [&](int64_t begin, int64_t end) {
     std::vector<int64_t> positions;
-    std::vector<acc_t> keys, values, p, dp, dq(d), dk_sum, dv_sum;
+    std::vector<acc_t> keys, keys_t, values_t, q_row, go_row, p, dp, dq(d), dk_sum, dv_sum;
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / heads, h = task % heads;
       dk_sum.assign(nk * d, 0);  // dense over Nk: views may see different keys
       dv_sum.assign(nk * d, 0);
       for (int64_t i = b; i < bq; i += bk) {
         keep.positions(i, positions);
-        gather_rows(K, b, h, positions, d, keys);
-        gather_rows(V, b, h, positions, d, values);
+        gather_rows(K, b, h, positions, d, false, keys);
+        gather_rows(K, b, h, positions, d, true, keys_t);
+        gather_rows(V, b, h, positions, d, true, values_t);
         const int64_t n_keys = positions.size();
-        dp.resize(n_keys);
         for (int64_t n = 0; n < nq; ++n) {
-          const scalar_t* q_row = Q.at(i, n, h);
-          const scalar_t* go = dO.at(i, n, h);
-          softmax_row(q_row, keys, n_keys, d, s, p);
+          load_row(Q.at(i, n, h), d, q_row);
+          load_row(dO.at(i, n, h), d, go_row);
+          softmax_row(q_row, keys_t, n_keys, d, s, p);
           // dS_j = p_j (dO . v_j - sum_l p_l dO . v_l)
+          row_times_columns(go_row, values_t, n_keys, d, dp);
           acc_t delta = 0;
-          for (int64_t j = 0; j < n_keys; ++j) {
-            acc_t dot = 0;
-            for (int64_t e = 0; e < d; ++e) dot += static_cast<acc_t>(go[e]) * values[j * d + e];
-            dp[j] = dot;
-            delta += p[j] * dot;
-          }
+          for (int64_t j = 0; j < n_keys; ++j) delta += p[j] * dp[j];
           std::fill(dq.begin(), dq.end(), acc_t(0));
           for (int64_t j = 0; j < n_keys; ++j) {
-            const acc_t ds = p[j] * (dp[j] - delta) * s;
+            const acc_t ds = p[j] * (dp[j] - delta) * s, pj = p[j];
+            const acc_t* key = &keys[j * d];
             acc_t* dk_row = &dk_sum[positions[j] * d];
             acc_t* dv_row = &dv_sum[positions[j] * d];
             for (int64_t e = 0; e < d; ++e) {
-              dq[e] += ds * keys[j * d + e];
-              dk_row[e] += ds * static_cast<acc_t>(q_row[e]);
-              dv_row[e] += p[j] * static_cast<acc_t>(go[e]);
+              dq[e] += ds * key[e];
+              dk_row[e] += ds * q_row[e];
+              dv_row[e] += pj * go_row[e];
             }
           }
           scalar_t* gq = dQ.at(i, n, h);

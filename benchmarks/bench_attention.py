@@ -1,0 +1,131 @@
+"""masked_cross_attention at LOCA shapes against what users would pick instead.
+
+Reference batch Bk, V = 10 query views of 36 tokens sharing each reference, Nk = 196 reference
+tokens of which 39 are visible (a consecutive run, or a random subset), D = 64. On a GPU:
+Bk in {32, 128, 256}, H = 12, bf16; on the CPU: Bk = 4, H = 6, fp32.
+Peers: eager PyTorch (K/V repeated per view, masked softmax), SDPA with a boolean mask,
+gather-then-SDPA, FlexAttention with a compiled block mask and xformers with a tensor bias
+(GPU only: both take minutes to compile or have no CPU kernel).
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import loca_kernels as lk
+from conftest import DEVICE, ON_GPU, run_benchmark
+
+VIEWS, NQ, NK, VISIBLE, D = 10, 36, 196, 39, 64
+BATCHES = (32, 128, 256) if ON_GPU else (4,)
+HEADS = 12 if ON_GPU else 6
+DTYPE = torch.bfloat16 if ON_GPU else torch.float32
+OURS = ("cuda", "triton") if ON_GPU else ("cpu",)
+PEERS = ("eager", "sdpa_mask", "gather_sdpa") + (("flex", "xformers") if ON_GPU else ())
+
+
+def eager(q, k, v, mask, scale):
+    idx = torch.arange(q.shape[0], device=q.device) % k.shape[0]
+    scores = torch.einsum("bnhd,bjhd->bhnj", q, k[idx]) * scale
+    scores = scores.masked_fill(~mask[:, None, None, :], float("-inf"))
+    return torch.einsum("bhnj,bjhd->bnhd", scores.softmax(-1), v[idx])
+
+
+def sdpa_mask(q, k, v, mask, scale):
+    idx = torch.arange(q.shape[0], device=q.device) % k.shape[0]
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k[idx].transpose(1, 2), v[idx].transpose(1, 2),
+                                         attn_mask=mask[:, None, None, :], scale=scale)
+    return out.transpose(1, 2)
+
+
+def gather_sdpa(q, k, v, index, scale):
+    # index: (Bq, 39) visible positions per query row; gathers visible K/V once per row.
+    idx = torch.arange(q.shape[0], device=q.device) % k.shape[0]
+    rows = idx[:, None].expand_as(index)
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k[rows, index].transpose(1, 2),
+                                         v[rows, index].transpose(1, 2), scale=scale)
+    return out.transpose(1, 2)
+
+
+def make_peer(name, q, k, v, keep_index):
+    scale = D ** -0.5
+    mask = lk.keep_to_mask(keep_index, q.shape[0], NK, q.device)
+    rows = keep_index[torch.arange(q.shape[0], device=q.device) % keep_index.shape[0]]
+    if name == "eager":
+        return lambda: eager(q, k, v, mask, scale)
+    if name == "sdpa_mask":
+        return lambda: sdpa_mask(q, k, v, mask, scale)
+    if name == "gather_sdpa":
+        return lambda: gather_sdpa(q, k, v, rows, scale)
+    if name == "flex":
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+        bk = k.shape[0]
+        block_mask = torch.compile(create_block_mask)(lambda b, h, qi, kj: mask[b, kj], q.shape[0], None, NQ, NK,
+                                                      device=q.device)
+        flex = torch.compile(flex_attention)
+        idx = torch.arange(q.shape[0], device=q.device) % bk
+        return lambda: flex(q.transpose(1, 2), k[idx].transpose(1, 2), v[idx].transpose(1, 2),
+                            block_mask=block_mask, scale=scale).transpose(1, 2)
+    if name == "xformers":
+        xops = pytest.importorskip("xformers.ops")
+        idx = torch.arange(q.shape[0], device=q.device) % k.shape[0]
+        # Tensor bias padded to a multiple of 8 along keys, as xformers requires.
+        bias = torch.zeros(q.shape[0], HEADS, NQ, 200, device=q.device, dtype=q.dtype)
+        bias[..., :NK].masked_fill_(~mask[:, None, None, :], float("-inf"))
+        bias = bias[..., :NK]
+        return lambda: xops.memory_efficient_attention(q, k[idx], v[idx], attn_bias=bias, scale=scale)
+    raise ValueError(name)
+
+
+def inputs(bk, pattern):
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(VIEWS * bk, NQ, HEADS, D, generator=g).to(DEVICE, DTYPE)
+    kv = torch.randn(bk, NK, 2, HEADS, D, generator=g).to(DEVICE, DTYPE)
+    if pattern == "run":
+        keep = lk.consecutive_keep(1, NK, VISIBLE, generator=g, device=DEVICE)
+    else:
+        keep = lk.random_keep(bk, NK, VISIBLE, generator=g, device=DEVICE)
+    return q, kv[:, :, 0], kv[:, :, 1], keep
+
+
+def floor_bytes(q, k, visible, backward):
+    element = q.element_size()
+    once = 2 * q.numel() + 2 * k.shape[0] * visible * k.shape[2] * k.shape[3]  # q, out, visible k and v
+    return element * (once * 2 if backward else once)                          # + their gradients
+
+
+def flops(q, visible, backward):
+    forward = 4 * q.shape[0] * q.shape[1] * q.shape[2] * visible * q.shape[3]
+    return forward * (3.5 if backward else 1)
+
+
+@pytest.mark.parametrize("direction", ["forward", "forward_backward"])
+@pytest.mark.parametrize("pattern", ["run", "random"])
+@pytest.mark.parametrize("bk", BATCHES)
+@pytest.mark.parametrize("impl", OURS + PEERS)
+def test_attention(benchmark, impl, bk, pattern, direction):
+    benchmark.group = f"attention Bk={bk} {pattern} {direction}"
+    q, k, v, keep = inputs(bk, pattern)
+    backward = direction == "forward_backward"
+    if impl in OURS:
+        run_keep = lk.KeepRun(keep[:, 0], VISIBLE) if pattern == "run" else keep
+        try:
+            lk.masked_cross_attention(q[:1 * bk], k, v, run_keep, backend=impl)
+        except RuntimeError as error:
+            pytest.skip(str(error))
+        fn = lambda: lk.masked_cross_attention(q, k, v, run_keep, backend=impl)  # noqa: E731
+    else:
+        fn = make_peer(impl, q, k, v, keep)
+    if backward:
+        for t in (q, k, v):
+            t.requires_grad_(True)
+        forward_fn = fn
+        grad = torch.ones(q.shape, device=DEVICE, dtype=DTYPE)
+
+        def fn():
+            out = forward_fn()
+            return torch.autograd.grad(out, (q, k, v), grad)
+    info = dict(impl=impl, bk=bk, views=VIEWS, nq=NQ, nk=NK, visible=VISIBLE, heads=HEADS, head_dim=D,
+                dtype=str(DTYPE), pattern=pattern, direction=direction)
+    if impl == "sdpa_mask" and ON_GPU:
+        info["sdpa_note"] = "attn_mask given: flash excluded; memory-efficient or cuDNN kernel"
+    run_benchmark(benchmark, fn, bytes_moved=floor_bytes(q, k, VISIBLE, backward), flops=flops(q, VISIBLE, backward),
+                  **info)
