@@ -224,18 +224,19 @@ def test_fused_backend_is_deterministic_and_zero_on_empty_rows(backend, device):
     assert (out[1] == 0).all() and (grad_q[1] == 0).all() and all(torch.isfinite(t).all() for t in runs[0])
 
 
-@pytest.mark.skipif(not lk.backends()["cpu_kernels"], reason="extension built without CPU attention kernels")
-def test_opcheck_cpu_operators():
-    q, k, v = make(2, 3, 5, 7, 2, 16, dtype=torch.float32)
-    keep_index, keep_count, _ = compact_keep(torch.rand(2, 7) < 0.6, 7, q.device)
+@pytest.mark.parametrize("backend,device", FUSED)
+def test_opcheck_fused_operators(backend, device):
+    suffix = "_triton" if backend == "triton" else ""
+    forward = getattr(torch.ops.loca_kernels, "attention_forward" + suffix)
+    backward = getattr(torch.ops.loca_kernels, "attention_backward" + suffix)
+    q, k, v = (t.to(device) for t in make(2, 3, 5, 7, 2, 16, dtype=torch.float32))
+    keep_index, keep_count, _ = compact_keep(torch.rand(2, 7).to(device) < 0.6, 7, q.device)
     args = (q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), keep_index, keep_count, False, 0.25)
-    torch.library.opcheck(torch.ops.loca_kernels.attention_forward.default, args)
+    torch.library.opcheck(forward.default, args)
     with torch.no_grad():  # the backward operator itself is not differentiable
-        out, lse = torch.ops.loca_kernels.attention_forward(*args)
-    torch.library.opcheck(torch.ops.loca_kernels.attention_backward.default,
-                          (torch.randn_like(out), q.detach(), k.detach(), v.detach(), out, lse, keep_index,
-                           keep_count, False, 0.25))
-
+        out, lse = forward(*args)
+    torch.library.opcheck(backward.default, (torch.randn_like(out), q.detach(), k.detach(), v.detach(), out, lse,
+                                             keep_index, keep_count, False, 0.25))
 
 
 def test_backend_none_falls_back_and_named_backend_explains():

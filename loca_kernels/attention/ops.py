@@ -51,7 +51,7 @@ def _register(forward_name: str, backward_name: str):
 FORWARD = {}
 if EXTENSION_ERROR is None:
     FORWARD["cpu"] = FORWARD["cuda"] = _register("attention_forward", "attention_backward")
-if TRITON_AVAILABLE and hasattr(_triton_module := __import__("importlib").import_module(".triton", __package__), "attention_forward_triton"):
+if TRITON_AVAILABLE:
     from . import triton as _triton  # noqa: F401  (defines the Triton operators)
 
     FORWARD["triton"] = _register("attention_forward_triton", "attention_backward_triton")
