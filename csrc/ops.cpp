@@ -27,4 +27,13 @@ TORCH_LIBRARY(loca_kernels, m) {
   // Relative-position targets (SPEC.md section 3); flips and turns always given (zeros when unused).
   m.def("relative_position_targets(Tensor query_boxes, Tensor ref_boxes, int[] query_grid, "
         "int[] ref_grid, Tensor query_flip, Tensor ref_flip, Tensor query_rot90, int ignore_index) -> Tensor");
+
+  // One streaming pass of Sinkhorn (SPEC.md section 4) in the log domain, where
+  // Q[i, j] = exp(scores[i, j] * inv_epsilon - row_scale[i] - col_scale[j]) (float32 scales).
+  // normalize_rows: first set row_scale[i] = logsumexp_j(scores[i, j] * inv_epsilon - col_scale[j])
+  // + row_offset (otherwise row_scale is used as given). Returns (row_scale, result): result is
+  // Q * exp(log_scale) as float32 (N, K) when write, else the column log-sums
+  // logsumexp_i(log Q[i, j]) as float32 (K,).
+  m.def("sinkhorn_pass(Tensor scores, Tensor row_scale, Tensor col_scale, float inv_epsilon, "
+        "bool normalize_rows, float row_offset, bool write, float log_scale) -> (Tensor, Tensor)");
 }

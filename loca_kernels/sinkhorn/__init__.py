@@ -1,6 +1,7 @@
 """sinkhorn (SPEC.md section 4): balanced soft assignment of samples to prototypes.
 
-Home of the op: reference.py (the oracle, log domain, distributed through `group`).
+Home of the op: reference.py (the oracle, log domain), fused.py (the streaming driver over
+the C++ pass csrc/sinkhorn/cpu.cpp).
 """
 from __future__ import annotations
 
@@ -8,14 +9,31 @@ from typing import Optional
 
 import torch
 
-from .._backends import choose_backend
+from .._backends import EXTENSION_ERROR, choose_backend, extension_has_kernel
 from .._validation import FLOAT_DTYPES, check_tensor, shape_str
-from . import reference
+from . import fused, reference
 
 __all__ = ["sinkhorn"]
 
 OP = "sinkhorn"
 MODES = ("loca", "swav")
+
+if EXTENSION_ERROR is None:
+    @torch.library.register_fake("loca_kernels::sinkhorn_pass")
+    def _pass_fake(scores, row_scale, col_scale, inv_epsilon, normalize_rows, row_offset, write, log_scale):
+        result = scores.new_empty(scores.shape if write else scores.shape[1:], dtype=torch.float32)
+        return row_scale.new_empty(row_scale.shape), result
+
+
+def _support(device: torch.device) -> dict:
+    def cpu():
+        if device.type != "cpu":
+            return f"tensors are on {device}, the 'cpu' backend needs CPU tensors"
+        if not extension_has_kernel("sinkhorn_pass", "CPU"):
+            return "the extension was built without the CPU Sinkhorn kernel"
+        return None
+
+    return {"cpu": cpu}
 
 
 def sinkhorn(scores: torch.Tensor, *, epsilon: float = 0.05, iterations: int = 3, mode: str = "loca",
@@ -45,5 +63,8 @@ def sinkhorn(scores: torch.Tensor, *, epsilon: float = 0.05, iterations: int = 3
         raise ValueError(f"{OP}: iterations must be an int >= 0, got {iterations!r}")
     if mode not in MODES:
         raise ValueError(f"{OP}: mode must be one of {MODES}, got {mode!r}")
-    choose_backend(OP, backend, scores.device, {})
-    return reference.sinkhorn(scores, epsilon=float(epsilon), iterations=iterations, mode=mode, group=group)
+    name = choose_backend(OP, backend, scores.device, _support(scores.device))
+    if name == "torch":
+        return reference.sinkhorn(scores, epsilon=float(epsilon), iterations=iterations, mode=mode, group=group)
+    return fused.sinkhorn(torch.ops.loca_kernels.sinkhorn_pass, scores, epsilon=float(epsilon),
+                          iterations=iterations, mode=mode, group=group)
