@@ -23,8 +23,11 @@ constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 // scalar call): x = n ln2 + r, |r| <= ln2 / 2, exp(r) by its degree-6 Taylor polynomial
 // (relative error below 2e-7), times 2^n built in the exponent bits. Inputs below -87
 // (and -inf) give exp(-87), about 1.6e-38: negligible beside the terms >= 1 of every sum.
+// max written as a select on values (std::max returns a reference: a branch, no vectorising).
+inline float max_of(float a, float b) { return a > b ? a : b; }
+
 inline float fast_exp(float x) {
-  x = std::max(x, -87.0f);
+  x = max_of(x, -87.0f);
   constexpr float kRound = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
   const float n = (x * 1.44269504f + kRound) - kRound;
   const float r = (x - n * 0.693145752f) - n * 1.42860677e-6f;
@@ -59,7 +62,7 @@ void sinkhorn_pass_kernel(const at::Tensor& scores, const float* col_scale, floa
         float peak = kNegInf;
         for (int64_t j = 0; j < k; ++j) {
           x[j] = static_cast<float>(row[j]) * inv_epsilon - col_scale[j];
-          peak = std::max(peak, x[j]);
+          peak = max_of(peak, x[j]);
         }
         if (normalize_rows) {
           float total = 0.0f;
@@ -75,7 +78,7 @@ void sinkhorn_pass_kernel(const at::Tensor& scores, const float* col_scale, floa
         // Online log-sum-exp per column: rescale a partial only when its max grows.
         for (int64_t j = 0; j < k; ++j) {
           const float y = x[j] - shift;
-          const float grown = std::max(pmax[j], y);
+          const float grown = max_of(pmax[j], y);
           e[j] = fast_exp(pmax[j] - grown) * psum[j] + fast_exp(y - grown);
           pmax[j] = grown;
         }
@@ -87,7 +90,7 @@ void sinkhorn_pass_kernel(const at::Tensor& scores, const float* col_scale, floa
   at::parallel_for(0, k, 256, [&](int64_t begin, int64_t end) {
     for (int64_t j = begin; j < end; ++j) {
       float peak = kNegInf;
-      for (int64_t c = 0; c < chunks; ++c) peak = std::max(peak, part_max[c * k + j]);
+      for (int64_t c = 0; c < chunks; ++c) peak = max_of(peak, part_max[c * k + j]);
       if (peak == kNegInf) {
         result[j] = kNegInf;
         continue;

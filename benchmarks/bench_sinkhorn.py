@@ -1,0 +1,56 @@
+"""sinkhorn against the eager formulas as LOCA and SwAV write them, N = B x 196 patches,
+K = 4096 prototypes. Records time, GB/s for the pass count, and peak device memory on GPU."""
+import pytest
+import torch
+
+import loca_kernels as lk
+from conftest import DEVICE, ON_GPU, measure_peak_memory, run_benchmark
+
+K = 4096
+SIZES = (64 * 196, 256 * 196) if ON_GPU else (64 * 196,)
+OURS = ("cuda", "triton") if ON_GPU else ("cpu",)
+ITERATIONS, EPSILON = 3, 0.05
+
+
+@torch.no_grad()
+def eager_loca(scores):
+    q = torch.softmax(scores.float() / EPSILON, dim=1)
+    for _ in range(ITERATIONS):
+        q = q / q.sum(dim=0, keepdim=True)
+        q = q / q.sum(dim=1, keepdim=True)
+    return q
+
+
+@torch.no_grad()
+def eager_swav(scores):
+    q = torch.exp(scores / EPSILON).t()
+    q /= q.sum()
+    k, n = q.shape
+    for _ in range(ITERATIONS):
+        q /= q.sum(dim=1, keepdim=True)
+        q /= k
+        q /= q.sum(dim=0, keepdim=True)
+        q /= n
+    q *= n
+    return q.t()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("n", SIZES)
+@pytest.mark.parametrize("mode", ["loca", "swav"])
+@pytest.mark.parametrize("impl", OURS + ("eager",))
+def test_sinkhorn(benchmark, impl, mode, n, dtype):
+    benchmark.group = f"sinkhorn {mode} N={n} {str(dtype)[6:]}"
+    scores = (torch.randn(n, K, generator=torch.Generator().manual_seed(0)) * 0.1).to(DEVICE, dtype)
+    if impl == "eager":
+        fn = (lambda: eager_loca(scores)) if mode == "loca" else (lambda: eager_swav(scores))
+    else:
+        try:
+            lk.sinkhorn(scores[:8], mode=mode, backend=impl)
+        except RuntimeError as error:
+            pytest.skip(str(error))
+        fn = lambda: lk.sinkhorn(scores, epsilon=EPSILON, iterations=ITERATIONS, mode=mode, backend=impl)  # noqa: E731
+    passes = ITERATIONS + 1
+    bytes_moved = passes * scores.numel() * scores.element_size() + n * K * 4  # reads + one float32 write
+    run_benchmark(benchmark, fn, bytes_moved=bytes_moved, impl=impl, mode=mode, n=n, k=K, dtype=str(dtype),
+                  iterations=ITERATIONS, passes_over_scores=passes, peak_memory_bytes=measure_peak_memory(fn))
