@@ -16,27 +16,8 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.distributed as dist
 
-
-def _global_logsumexp(local: torch.Tensor, group) -> torch.Tensor:
-    """log sum over ranks of exp(local), elementwise."""
-    if group is None:
-        return local
-    peak = local.clone()
-    dist.all_reduce(peak, op=dist.ReduceOp.MAX, group=group)
-    peak = torch.where(torch.isfinite(peak), peak, torch.zeros_like(peak))
-    total = torch.exp(local - peak)
-    dist.all_reduce(total, group=group)
-    return peak + torch.log(total)
-
-
-def _rows_over_ranks(n: int, device, group) -> int:
-    if group is None:
-        return n
-    count = torch.tensor([n], device=device)
-    dist.all_reduce(count, group=group)
-    return int(count)
+from .distributed import logsumexp_over_ranks, rows_over_ranks
 
 
 @torch.no_grad()
@@ -49,18 +30,18 @@ def sinkhorn(sinkhorn_pass, scores: torch.Tensor, *, epsilon: float, iterations:
     rows = torch.zeros(n, dtype=torch.float32, device=scores.device)
     cols = torch.zeros(k, dtype=torch.float32, device=scores.device)
     swav = mode == "swav"
-    log_n = math.log(_rows_over_ranks(n, scores.device, group)) if swav else 0.0
+    log_n = math.log(rows_over_ranks(n, scores.device, group)) if swav else 0.0
     col_offset = math.log(k) if swav else 0.0
     if iterations == 0:
         if not swav:
             return sinkhorn_pass(scores, rows, cols, inv_epsilon, True, 0.0, True, 0.0)[1]
         # Q = exp(x) / total mass * N: the total mass comes from the row log-sums.
         rows = sinkhorn_pass(scores, rows, cols, inv_epsilon, True, 0.0, False, 0.0)[0]
-        mass = _global_logsumexp(torch.logsumexp(rows, 0, keepdim=True), group)
+        mass = logsumexp_over_ranks(torch.logsumexp(rows, 0, keepdim=True), group)
         return sinkhorn_pass(scores, mass.expand(n).contiguous(), cols, inv_epsilon, False, 0.0, True, log_n)[1]
     rows, col_lse = sinkhorn_pass(scores, rows, cols, inv_epsilon, not swav, 0.0, False, 0.0)
-    cols = _global_logsumexp(col_lse, group) + col_offset
+    cols = logsumexp_over_ranks(col_lse, group) + col_offset
     for _ in range(iterations - 1):
         rows, col_lse = sinkhorn_pass(scores, rows, cols, inv_epsilon, True, log_n, False, 0.0)
-        cols = cols + _global_logsumexp(col_lse, group) + col_offset
+        cols = cols + logsumexp_over_ranks(col_lse, group) + col_offset
     return sinkhorn_pass(scores, rows, cols, inv_epsilon, True, log_n, True, log_n)[1]
