@@ -1,7 +1,7 @@
 """sinkhorn (SPEC.md section 4): balanced soft assignment of samples to prototypes.
 
 Home of the op: reference.py (the oracle, log domain), fused.py (the streaming driver over
-the C++ pass csrc/sinkhorn/cpu.cpp).
+the C++ pass csrc/sinkhorn/cpu.cpp), distributed.py (sums over the ranks of a group).
 """
 from __future__ import annotations
 
