@@ -109,7 +109,7 @@ def test_attention(benchmark, impl, bk, pattern, direction):
         run_keep = lk.KeepRun(keep[:, 0], VISIBLE) if pattern == "run" else keep
         try:
             lk.masked_cross_attention(q[:1 * bk], k, v, run_keep, backend=impl)
-        except RuntimeError as error:
+        except (RuntimeError, ValueError) as error:  # a backend this op lacks or cannot run here
             pytest.skip(str(error))
         fn = lambda: lk.masked_cross_attention(q, k, v, run_keep, backend=impl)  # noqa: E731
     else:

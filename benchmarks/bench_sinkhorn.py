@@ -47,7 +47,7 @@ def test_sinkhorn(benchmark, impl, mode, n, dtype):
     else:
         try:
             lk.sinkhorn(scores[:8], mode=mode, backend=impl)
-        except RuntimeError as error:
+        except (RuntimeError, ValueError) as error:  # a backend this op lacks or cannot run here
             pytest.skip(str(error))
         fn = lambda: lk.sinkhorn(scores, epsilon=EPSILON, iterations=ITERATIONS, mode=mode, backend=impl)  # noqa: E731
     passes = ITERATIONS + 1

@@ -26,7 +26,7 @@ def test_targets(benchmark, impl, batch):
     qb, rb, flips = views(batch)
     try:
         lk.relative_position_targets(qb, rb, (6, 6), (14, 14), query_flip=flips, backend=impl)
-    except RuntimeError as error:
+    except (RuntimeError, ValueError) as error:  # a backend this op lacks or cannot run here
         pytest.skip(str(error))
     bytes_moved = qb.numel() * 4 + rb.numel() * 4 + flips.numel() + batch * 9 * 36 * 8
     run_benchmark(benchmark, lambda: lk.relative_position_targets(qb, rb, (6, 6), (14, 14), query_flip=flips,

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import loca_kernels as lk
-from loca_kernels._backends import extension_has_kernel
+from loca_kernels._backends import extension_has_kernel, triton_can_run
 from loca_kernels.targets import geometry
 
 OP = "relative_position_targets"
@@ -12,6 +12,8 @@ BACKENDS = [
     "torch",
     pytest.param("cpu", marks=pytest.mark.skipif(not extension_has_kernel(OP, "CPU"),
                                                  reason="extension built without the CPU targets kernel")),
+    pytest.param("triton", marks=pytest.mark.skipif(not triton_can_run(torch.device("cpu")),
+                                                    reason="Triton needs TRITON_INTERPRET=1 for CPU tensors")),
 ]
 
 
@@ -99,14 +101,15 @@ def test_random_boxes_flips_and_turns(query_grid, ref_grid, backend):
     assert (got != -1).any() and (got == -1).any()  # both cases were exercised
 
 
-@pytest.mark.skipif(not extension_has_kernel(OP, "CPU"), reason="extension built without the CPU targets kernel")
-def test_opcheck_cpu_kernel():
+@pytest.mark.parametrize("backend", BACKENDS[1:])
+def test_opcheck_fused_operators(backend):
     gen = torch.Generator().manual_seed(2)
     qb = geometry.sample_boxes(3, 2, (50, 60), (0.05, 0.5), generator=gen)
     rb = geometry.sample_boxes(3, 1, (50, 60), (0.3, 1.0), generator=gen)[:, 0]
     args = (qb, rb, [3, 2], [5, 4], torch.tensor([[True, False]] * 3), torch.tensor([False, True, False]),
             torch.tensor([[0, 1], [2, 3], [1, 0]]), -1)
-    torch.library.opcheck(torch.ops.loca_kernels.relative_position_targets.default, args)
+    name = "relative_position_targets" + ("_triton" if backend == "triton" else "")
+    torch.library.opcheck(getattr(torch.ops.loca_kernels, name).default, args)
 
 
 def test_cpu_backend_by_name_refuses_other_devices():
@@ -182,8 +185,8 @@ def test_drop_tokens_keeps_a_sorted_subset_with_its_targets():
         geometry.drop_tokens(targets, 11)
 
 
-@pytest.mark.skipif(not extension_has_kernel(OP, "CPU"), reason="extension built without the CPU targets kernel")
-def test_cpu_kernel_equals_reference_on_many_views_with_edge_hits():
+@pytest.mark.parametrize("backend", BACKENDS[1:])
+def test_fused_kernel_equals_reference_on_many_views_with_edge_hits(backend):
     # Integer boxes on a lattice make many centres land exactly on patch and box edges.
     gen = torch.Generator().manual_seed(4)
     b, v = 64, 10
@@ -196,6 +199,6 @@ def test_cpu_kernel_equals_reference_on_many_views_with_edge_hits():
     args = (qb, rb, (6, 6), (14, 14))
     kw = dict(query_flip=qf, ref_flip=rf, query_rot90=qr)
     expected = lk.relative_position_targets(*args, **kw, backend="torch")
-    assert torch.equal(lk.relative_position_targets(*args, **kw, backend="cpu"), expected)
-    assert torch.equal(lk.relative_position_targets(qb.float(), rb.float(), (6, 6), (14, 14), **kw, backend="cpu"),
+    assert torch.equal(lk.relative_position_targets(*args, **kw, backend=backend), expected)
+    assert torch.equal(lk.relative_position_targets(qb.float(), rb.float(), (6, 6), (14, 14), **kw, backend=backend),
                        lk.relative_position_targets(qb.float(), rb.float(), (6, 6), (14, 14), **kw, backend="torch"))

@@ -1,7 +1,7 @@
 """relative_position_targets (SPEC.md section 3) and gather_at_targets: checks and dispatch.
 
-Home of the op: reference.py (the oracle and its exact arithmetic), geometry.py (LOCA view
-sampling and token dropping).
+Home of the op: reference.py (the oracle and its exact arithmetic), triton.py (Triton
+kernel), csrc/targets/cpu.cpp (C++ kernel), geometry.py (LOCA view sampling and token dropping).
 """
 from __future__ import annotations
 
@@ -9,9 +9,12 @@ from typing import Optional
 
 import torch
 
-from .._backends import EXTENSION_ERROR, choose_backend, extension_has_kernel
+from .._backends import EXTENSION_ERROR, TRITON_AVAILABLE, choose_backend, extension_has_kernel, triton_can_run
 from .._validation import check_grid, check_same_device, check_tensor, shape_str, values_checkable
 from . import reference
+
+if TRITON_AVAILABLE:
+    from . import triton as _triton  # noqa: F401  (defines the Triton operator)
 
 __all__ = ["relative_position_targets", "gather_at_targets"]
 
@@ -33,7 +36,14 @@ def _support(device: torch.device) -> dict:
             return "the extension was built without the CPU targets kernel"
         return None
 
-    return {"cpu": cpu}
+    def triton():
+        if not TRITON_AVAILABLE:
+            return "triton is not installed"
+        if not triton_can_run(device):
+            return f"Triton cannot run on {device} here (CPU tensors need TRITON_INTERPRET=1)"
+        return None
+
+    return {"cpu": cpu, "triton": triton}
 
 
 def _optional_per_view(name: str, x, shape: tuple, device, dtype_kind: str) -> torch.Tensor:
@@ -104,9 +114,10 @@ def relative_position_targets(query_boxes: torch.Tensor, ref_boxes: torch.Tensor
     if name == "torch":
         return reference.relative_position_targets(query_boxes, ref_boxes, query_grid, ref_grid, query_flip,
                                                    ref_flip, query_rot90, ignore_index)
-    return torch.ops.loca_kernels.relative_position_targets(query_boxes, ref_boxes, list(query_grid),
-                                                            list(ref_grid), query_flip, ref_flip, query_rot90,
-                                                            ignore_index)
+    fused = torch.ops.loca_kernels.relative_position_targets_triton if name == "triton" else \
+        torch.ops.loca_kernels.relative_position_targets
+    return fused(query_boxes, ref_boxes, list(query_grid),
+                 list(ref_grid), query_flip, ref_flip, query_rot90, ignore_index)
 
 
 def gather_at_targets(values: torch.Tensor, targets: torch.Tensor, *, ignore_index: int = -1,

@@ -1,0 +1,65 @@
+"""Triton kernel of relative_position_targets, defined as the operator
+loca_kernels::relative_position_targets_triton: one program per query view, one lane per
+patch, the reference's float64 arithmetic in the same order (FMA fusion off), so that the
+result is identical element for element."""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _targets_kernel(query_boxes, ref_boxes, query_flip, ref_flip, query_rot90, out, views, hq, wq, hr, wr,
+                    ignore_index, BLOCK: tl.constexpr):
+    view = tl.program_id(0)
+    b = view // views
+    lane = tl.arange(0, BLOCK)
+    ok = lane < hq * wq
+    i, j = lane // wq, lane % wq
+    turns = tl.load(query_rot90 + view)
+    odd = (turns % 2) == 1
+    gh = tl.where(odd, wq, hq)
+    gw = tl.where(odd, hq, wq)
+    # Output (i, j) of torch.rot90(grid, turns) reads grid[r][c] of the flipped grid.
+    r = tl.where(turns == 0, i, tl.where(turns == 1, j, tl.where(turns == 2, gh - 1 - i, gh - 1 - j)))
+    c = tl.where(turns == 0, j, tl.where(turns == 1, gw - 1 - i, tl.where(turns == 2, gw - 1 - j, i)))
+    c = tl.where(tl.load(query_flip + view) != 0, gw - 1 - c, c)
+    x0 = tl.load(query_boxes + view * 4 + 0)
+    y0 = tl.load(query_boxes + view * 4 + 1)
+    x1 = tl.load(query_boxes + view * 4 + 2)
+    y1 = tl.load(query_boxes + view * 4 + 3)
+    rx0 = tl.load(ref_boxes + b * 4 + 0)
+    ry0 = tl.load(ref_boxes + b * 4 + 1)
+    rx1 = tl.load(ref_boxes + b * 4 + 2)
+    ry1 = tl.load(ref_boxes + b * 4 + 3)
+    x = x0 + (c.to(tl.float64) + 0.5) * ((x1 - x0) / gw.to(tl.float64))
+    y = y0 + (r.to(tl.float64) + 0.5) * ((y1 - y0) / gh.to(tl.float64))
+    inside = (x >= rx0) & (x < rx1) & (y >= ry0) & (y < ry1)
+    col = tl.floor((x - rx0) * (wr.to(tl.float64) / (rx1 - rx0))).to(tl.int64)
+    row = tl.floor((y - ry0) * (hr.to(tl.float64) / (ry1 - ry0))).to(tl.int64)
+    col = tl.minimum(tl.maximum(col, 0), wr - 1)
+    row = tl.minimum(tl.maximum(row, 0), hr - 1)
+    col = tl.where(tl.load(ref_flip + b) != 0, wr - 1 - col, col)
+    target = tl.where(inside, row * wr + col, ignore_index)
+    tl.store(out + view * hq * wq + lane, target, mask=ok)
+
+
+@torch.library.custom_op("loca_kernels::relative_position_targets_triton", mutates_args=())
+def relative_position_targets_triton(query_boxes: torch.Tensor, ref_boxes: torch.Tensor, query_grid: list[int],
+                                     ref_grid: list[int], query_flip: torch.Tensor, ref_flip: torch.Tensor,
+                                     query_rot90: torch.Tensor, ignore_index: int) -> torch.Tensor:
+    b, v = query_boxes.shape[:2]
+    (hq, wq), (hr, wr) = query_grid, ref_grid
+    out = torch.empty(b, v, hq * wq, dtype=torch.int64, device=query_boxes.device)
+    _targets_kernel[(b * v,)](query_boxes.double().contiguous(), ref_boxes.double().contiguous(),
+                              query_flip.to(torch.int8).contiguous(), ref_flip.to(torch.int8).contiguous(),
+                              query_rot90.to(torch.int32).contiguous(), out, v, hq, wq, hr, wr, ignore_index,
+                              BLOCK=triton.next_power_of_2(hq * wq), enable_fp_fusion=False)
+    return out
+
+
+@relative_position_targets_triton.register_fake
+def _(query_boxes, ref_boxes, query_grid, ref_grid, query_flip, ref_flip, query_rot90, ignore_index):
+    b, v = query_boxes.shape[:2]
+    return query_boxes.new_empty((b, v, query_grid[0] * query_grid[1]), dtype=torch.int64)
