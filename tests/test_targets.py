@@ -185,7 +185,10 @@ def test_drop_tokens_keeps_a_sorted_subset_with_its_targets():
         geometry.drop_tokens(targets, 11)
 
 
-@pytest.mark.parametrize("backend", BACKENDS[1:])
+CUDA = pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device"))
+
+
+@pytest.mark.parametrize("backend", BACKENDS[1:] + [CUDA])
 def test_fused_kernel_equals_reference_on_many_views_with_edge_hits(backend):
     # Integer boxes on a lattice make many centres land exactly on patch and box edges.
     gen = torch.Generator().manual_seed(4)
@@ -199,6 +202,11 @@ def test_fused_kernel_equals_reference_on_many_views_with_edge_hits(backend):
     args = (qb, rb, (6, 6), (14, 14))
     kw = dict(query_flip=qf, ref_flip=rf, query_rot90=qr)
     expected = lk.relative_position_targets(*args, **kw, backend="torch")
-    assert torch.equal(lk.relative_position_targets(*args, **kw, backend=backend), expected)
-    assert torch.equal(lk.relative_position_targets(qb.float(), rb.float(), (6, 6), (14, 14), **kw, backend=backend),
-                       lk.relative_position_targets(qb.float(), rb.float(), (6, 6), (14, 14), **kw, backend="torch"))
+    device = "cuda" if backend == "cuda" else "cpu"
+    moved = {name: t.to(device) for name, t in kw.items()}
+    got = lk.relative_position_targets(qb.to(device), rb.to(device), (6, 6), (14, 14), **moved, backend=backend)
+    assert torch.equal(got.cpu(), expected)
+    got = lk.relative_position_targets(qb.float().to(device), rb.float().to(device), (6, 6), (14, 14), **moved,
+                                       backend=backend)
+    assert torch.equal(got.cpu(), lk.relative_position_targets(qb.float(), rb.float(), (6, 6), (14, 14), **kw,
+                                                               backend="torch"))

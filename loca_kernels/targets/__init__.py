@@ -1,7 +1,8 @@
 """relative_position_targets (SPEC.md section 3) and gather_at_targets: checks and dispatch.
 
 Home of the op: reference.py (the oracle and its exact arithmetic), triton.py (Triton
-kernel), csrc/targets/cpu.cpp (C++ kernel), geometry.py (LOCA view sampling and token dropping).
+kernel), csrc/targets/ (C++ and CUDA kernels), geometry.py (LOCA view sampling and token
+dropping).
 """
 from __future__ import annotations
 
@@ -43,7 +44,14 @@ def _support(device: torch.device) -> dict:
             return f"Triton cannot run on {device} here (CPU tensors need TRITON_INTERPRET=1)"
         return None
 
-    return {"cpu": cpu, "triton": triton}
+    def cuda():
+        if device.type != "cuda":
+            return f"tensors are on {device}, the 'cuda' backend needs CUDA tensors"
+        if not extension_has_kernel(OP, "CUDA"):
+            return "the extension was built without the CUDA targets kernel"
+        return None
+
+    return {"cpu": cpu, "triton": triton, "cuda": cuda}
 
 
 def _optional_per_view(name: str, x, shape: tuple, device, dtype_kind: str) -> torch.Tensor:
