@@ -1,5 +1,5 @@
-"""Run each CUDA kernel once (attention, forward and backward, every dtype and keep form) on
-small shapes: the workload that run_gpu.sh puts under compute-sanitizer (memcheck, racecheck)."""
+"""Run each CUDA kernel once (attention forward and backward in every dtype and keep form;
+relative-position targets) on small shapes: the workload that run_gpu.sh puts under compute-sanitizer (memcheck, racecheck)."""
 import torch
 
 import loca_kernels as lk
@@ -16,6 +16,10 @@ def main() -> None:
                      lk.consecutive_keep(1, 19, 4, generator=generator, device=device, as_run=True)):
             out = lk.masked_cross_attention(q, k, v, keep, backend="cuda")
             out.float().square().sum().backward()
+    boxes = torch.tensor([[[0.0, 0.0, 50.0, 40.0], [10.0, 5.0, 90.0, 70.0]]], device=device)
+    ref = torch.tensor([[5.0, 5.0, 80.0, 60.0]], device=device)
+    lk.relative_position_targets(boxes, ref, (6, 6), (14, 14), query_rot90=torch.tensor([[1, 2]], device=device),
+                                 backend="cuda")
     torch.cuda.synchronize()
     print("sanitize_cuda: ran every CUDA kernel")
 
