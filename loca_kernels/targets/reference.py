@@ -6,6 +6,10 @@ Arithmetic (every kernel does exactly these float64 operations, in this order):
   reference column and row of a centre inside the half-open reference box:
       col = floor((x - rx0) * (wr / (rx1 - rx0))),  row = floor((y - ry0) * (hr / (ry1 - ry0)))
   clamped to the grid, mirrored (col -> wr - 1 - col) when the reference was flipped.
+Each operation is rounded once (no fused multiply-add), and each division is a true division
+of two float64 tensors on the boxes' device: `number / tensor` (Tensor.__rtruediv__ is
+reciprocal() * number) and, on CUDA, `tensor / python_number` (a multiplication by the
+reciprocal) round differently and would move centres that lie exactly on a patch edge.
 """
 from __future__ import annotations
 
@@ -17,8 +21,8 @@ def _centres(boxes: torch.Tensor, rows: int, cols: int):
     x0, y0, x1, y1 = boxes.unbind(-1)
     c = torch.arange(cols, dtype=torch.float64, device=boxes.device) + 0.5
     r = torch.arange(rows, dtype=torch.float64, device=boxes.device) + 0.5
-    x = x0[..., None] + c * ((x1 - x0) / cols)[..., None]
-    y = y0[..., None] + r * ((y1 - y0) / rows)[..., None]
+    x = x0[..., None] + c * ((x1 - x0) / torch.full_like(x1, cols))[..., None]
+    y = y0[..., None] + r * ((y1 - y0) / torch.full_like(y1, rows))[..., None]
     return x[..., None, :].expand(*x.shape[:-1], rows, cols), y[..., :, None].expand(*y.shape[:-1], rows, cols)
 
 
@@ -38,8 +42,8 @@ def relative_position_targets(query_boxes, ref_boxes, query_grid, ref_grid, quer
         x, y = x.rot90(turns, dims=(-2, -1)), y.rot90(turns, dims=(-2, -1))  # (B, V, hq, wq)
         rx0, ry0, rx1, ry1 = (t[:, None, None, None] for t in rb.unbind(-1))
         inside = (x >= rx0) & (x < rx1) & (y >= ry0) & (y < ry1)
-        col = torch.floor((x - rx0) * (wr / (rx1 - rx0))).clamp(0, wr - 1).long()
-        row = torch.floor((y - ry0) * (hr / (ry1 - ry0))).clamp(0, hr - 1).long()
+        col = torch.floor((x - rx0) * (torch.full_like(rx1, wr) / (rx1 - rx0))).clamp(0, wr - 1).long()
+        row = torch.floor((y - ry0) * (torch.full_like(ry1, hr) / (ry1 - ry0))).clamp(0, hr - 1).long()
         col = torch.where(ref_flip[:, None, None, None], wr - 1 - col, col)
         target = torch.where(inside, row * wr + col, torch.full_like(col, ignore_index))
         out = torch.where(sel[..., None, None], target, out)

@@ -1,7 +1,8 @@
 """Triton kernel of relative_position_targets, defined as the operator
 loca_kernels::relative_position_targets_triton: one program per query view, one lane per
-patch, the reference's float64 arithmetic in the same order (FMA fusion off), so that the
-result is identical element for element."""
+patch, the reference's float64 arithmetic in the same order (FMA fusion off; float64
+division lowers to the correctly rounded div.rn.f64), so that the result is identical element
+for element."""
 from __future__ import annotations
 
 import torch
@@ -9,7 +10,9 @@ import triton
 import triton.language as tl
 
 
-@triton.jit
+# Integer arguments equal to 1 would otherwise become constexprs (a grid side of 1, V = 1),
+# which have no .to(): they stay runtime integers.
+@triton.jit(do_not_specialize=["views", "hq", "wq", "hr", "wr", "ignore_index"])
 def _targets_kernel(query_boxes, ref_boxes, query_flip, ref_flip, query_rot90, out, views, hq, wq, hr, wr,
                     ignore_index, BLOCK: tl.constexpr):
     view = tl.program_id(0)
@@ -45,6 +48,10 @@ def _targets_kernel(query_boxes, ref_boxes, query_flip, ref_flip, query_rot90, o
     tl.store(out + view * hq * wq + lane, target, mask=ok)
 
 
+# No fused multiply-add: the reference rounds every product and sum separately.
+COMPILE_OPTIONS = {"enable_fp_fusion": False}
+
+
 @torch.library.custom_op("loca_kernels::relative_position_targets_triton", mutates_args=())
 def relative_position_targets_triton(query_boxes: torch.Tensor, ref_boxes: torch.Tensor, query_grid: list[int],
                                      ref_grid: list[int], query_flip: torch.Tensor, ref_flip: torch.Tensor,
@@ -55,7 +62,7 @@ def relative_position_targets_triton(query_boxes: torch.Tensor, ref_boxes: torch
     _targets_kernel[(b * v,)](query_boxes.double().contiguous(), ref_boxes.double().contiguous(),
                               query_flip.to(torch.int8).contiguous(), ref_flip.to(torch.int8).contiguous(),
                               query_rot90.to(torch.int32).contiguous(), out, v, hq, wq, hr, wr, ignore_index,
-                              BLOCK=triton.next_power_of_2(hq * wq), enable_fp_fusion=False)
+                              BLOCK=triton.next_power_of_2(hq * wq), **COMPILE_OPTIONS)
     return out
 
 
