@@ -1,5 +1,6 @@
-"""relative_position_targets: our kernels against the eager PyTorch reference, LOCA grids
-(9 focal views on a 6x6 grid against a 14x14 reference)."""
+"""relative_position_targets: our kernels against the eager PyTorch reference, on the LOCA
+grids against a 14x14 reference: the 9 focal views (6x6) and the large query (14x14), the two
+calls of one training step (10 query views)."""
 import pytest
 import torch
 
@@ -9,26 +10,33 @@ from loca_kernels.targets import geometry
 
 BATCHES = (64, 256, 1024) if ON_GPU else (64, 256)
 IMPLS = ("torch", "cuda", "triton") if ON_GPU else ("torch", "cpu")
+# name: (views, query grid, query area range) of the official ImageNet recipe
+VIEW_SETS = {"focal": (9, (6, 6), (0.05, 0.32)), "large": (1, (14, 14), (0.32, 1.0))}
 
 
-def views(batch):
+def views(batch, num_views, area_range):
     gen = torch.Generator().manual_seed(0)
-    qb = geometry.sample_boxes(batch, 9, (256, 256), (0.05, 0.32), generator=gen)
+    qb = geometry.sample_boxes(batch, num_views, (256, 256), area_range, generator=gen)
     rb = geometry.sample_boxes(batch, 1, (256, 256), (0.32, 1.0), generator=gen)[:, 0]
-    flips = geometry.sample_flips(batch, 9, generator=gen)
+    flips = geometry.sample_flips(batch, num_views, generator=gen)
     return qb.to(DEVICE), rb.to(DEVICE), flips.to(DEVICE)
 
 
 @pytest.mark.parametrize("batch", BATCHES)
+@pytest.mark.parametrize("view_set", VIEW_SETS)
 @pytest.mark.parametrize("impl", IMPLS)
-def test_targets(benchmark, impl, batch):
-    benchmark.group = f"targets B={batch}"
-    qb, rb, flips = views(batch)
+def test_targets(benchmark, impl, view_set, batch):
+    num_views, grid, area_range = VIEW_SETS[view_set]
+    benchmark.group = f"targets {view_set} B={batch}"
+    qb, rb, flips = views(batch, num_views, area_range)
+
+    def call():
+        return lk.relative_position_targets(qb, rb, grid, (14, 14), query_flip=flips, backend=impl)
+
     try:
-        lk.relative_position_targets(qb, rb, (6, 6), (14, 14), query_flip=flips, backend=impl)
+        call()
     except (RuntimeError, ValueError) as error:  # a backend this op lacks or cannot run here
         pytest.skip(str(error))
-    bytes_moved = qb.numel() * 4 + rb.numel() * 4 + flips.numel() + batch * 9 * 36 * 8
-    run_benchmark(benchmark, lambda: lk.relative_position_targets(qb, rb, (6, 6), (14, 14), query_flip=flips,
-                                                                  backend=impl),
-                  bytes_moved=bytes_moved, impl=impl, batch=batch, views=9, query_grid="6x6", ref_grid="14x14")
+    bytes_moved = qb.numel() * 4 + rb.numel() * 4 + flips.numel() + batch * num_views * grid[0] * grid[1] * 8
+    run_benchmark(benchmark, call, bytes_moved=bytes_moved, impl=impl, batch=batch, views=num_views,
+                  query_grid=f"{grid[0]}x{grid[1]}", ref_grid="14x14")

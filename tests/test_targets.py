@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import loca_kernels as lk
-from loca_kernels._backends import extension_has_kernel, triton_can_run
+from loca_kernels._backends import TRITON_AVAILABLE, extension_has_kernel, triton_can_run
 from loca_kernels.targets import geometry
 
 OP = "relative_position_targets"
@@ -14,6 +14,15 @@ BACKENDS = [
                                                  reason="extension built without the CPU targets kernel")),
     pytest.param("triton", marks=pytest.mark.skipif(not triton_can_run(torch.device("cpu")),
                                                     reason="Triton needs TRITON_INTERPRET=1 for CPU tensors")),
+]
+NO_CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+CUDA = pytest.param("cuda", marks=NO_CUDA)
+# (backend, device) pairs: every backend on every device it runs on, the reference included.
+ON_DEVICES = [
+    ("torch", "cpu"),
+    pytest.param("cpu", "cpu", marks=BACKENDS[1].marks),
+    pytest.param("triton", "cpu", marks=BACKENDS[2].marks),
+    *(pytest.param(name, "cuda", marks=NO_CUDA) for name in ("torch", "cuda", "triton")),
 ]
 
 
@@ -45,6 +54,18 @@ def test_hand_worked_example(backend):
     # (0, 0, 8, 8) 4x4: [[0, 1], [4, 5], [8, 9]] turned -> [[1, 5, 9], [0, 4, 8]].
     assert one((0, 0, 4, 6), backend=backend, ref_box=(0, 0, 8, 8), query_grid=(2, 3),
                query_rot90=torch.tensor([[1]])) == [1, 5, 9, 0, 4, 8]
+    # Turned three times, the first row of the result is the first column read upwards:
+    # [[0, 1], [4, 5], [8, 9]] -> [[8, 4, 0], [9, 5, 1]].
+    assert one((0, 0, 4, 6), backend=backend, ref_box=(0, 0, 8, 8), query_grid=(2, 3),
+               query_rot90=torch.tensor([[3]])) == [8, 4, 0, 9, 5, 1]
+    # Half a turn: [[0, 1], [4, 5]] -> [[5, 4], [1, 0]].
+    assert one((0, 0, 4, 4), backend=backend, ref_box=(0, 0, 8, 8), query_rot90=torch.tensor([[2]])) == [5, 4, 1, 0]
+    # Flip first, then turn once: [[1, 0], [5, 4]] -> [[0, 4], [1, 5]]; with the reference
+    # flipped too, every column c becomes 3 - c: [[3, 7], [2, 6]].
+    assert one((0, 0, 4, 4), backend=backend, ref_box=(0, 0, 8, 8), query_flip=flag,
+               query_rot90=torch.tensor([[1]])) == [0, 4, 1, 5]
+    assert one((0, 0, 4, 4), backend=backend, ref_box=(0, 0, 8, 8), query_flip=flag, ref_flip=flag[0],
+               query_rot90=torch.tensor([[1]])) == [3, 7, 2, 6]
 
 
 def test_half_open_boxes_and_patch_edges(backend):
@@ -101,6 +122,31 @@ def test_random_boxes_flips_and_turns(query_grid, ref_grid, backend):
     assert (got != -1).any() and (got == -1).any()  # both cases were exercised
 
 
+@pytest.mark.parametrize("backend,device", ON_DEVICES)
+def test_centres_on_the_edges_of_reference_patches_of_any_width(backend, device):
+    # Reference boxes of odd widths (patch sizes that are not dyadic fractions); each query box
+    # is cut so that its 15 x 15 patch centres are the 15 x 15 patch corners of a 14 x 14
+    # reference: the first on the box's left/top edge (inside), the last on its right/bottom
+    # edge (outside), the others on patch edges, where one rounding more or less (a reciprocal
+    # instead of a division, an FMA) changes the target.
+    gen = torch.Generator().manual_seed(5)
+    b, v = 6, 4
+    corner = torch.rand(b, 2, generator=gen, dtype=torch.float64) * 50
+    size = torch.randint(20, 400, (b, 2), generator=gen).double() / torch.tensor([7.0, 11.0])
+    rb = torch.cat([corner, corner + size], dim=-1)
+    patch = (size / 14)[:, None].expand(b, v, 2)
+    start = corner[:, None] - patch / 2
+    qb = torch.cat([start, start + 15 * patch], dim=-1)
+    qf = torch.rand(b, v, generator=gen) < 0.5
+    rf = torch.rand(b, generator=gen) < 0.5
+    qr = torch.arange(b * v).reshape(b, v) % 4
+    got = lk.relative_position_targets(*(t.to(device) for t in (qb, rb)), (15, 15), (14, 14),
+                                       query_flip=qf.to(device), ref_flip=rf.to(device), query_rot90=qr.to(device),
+                                       backend=backend)
+    assert torch.equal(got.cpu(), explicit_targets(qb, rb, (15, 15), (14, 14), qf, rf, qr))
+    assert (got == -1).float().mean() > 0.05 and (got != -1).float().mean() > 0.5
+
+
 @pytest.mark.parametrize("backend", BACKENDS[1:])
 def test_opcheck_fused_operators(backend):
     gen = torch.Generator().manual_seed(2)
@@ -130,6 +176,7 @@ def test_cpu_backend_by_name_refuses_other_devices():
     (dict(query_flip=torch.tensor([[1]])), TypeError, "query_flip must be a bool tensor"),
     (dict(ref_flip=torch.tensor([True, False])), ValueError, r"ref_flip must have shape \(1,\)"),
     (dict(ref_boxes=torch.tensor([[0.0, 0, 8, 8]], device="meta")), ValueError, "on meta"),
+    (dict(ignore_index=-1.0), TypeError, "ignore_index must be an int"),
 ])
 def test_errors(bad, kind, match):
     args = dict(query_boxes=torch.tensor([[[0.0, 0, 4, 4]]]), ref_boxes=torch.tensor([[0.0, 0, 8, 8]]),
@@ -149,8 +196,30 @@ def test_gather_at_targets_2d_and_3d_with_fill_and_gradient():
     assert (got[0, 0, 2] == 7).all() and (got[1, 0, 0] == 7).all()
     got.sum().backward()
     assert values.grad[1, 2].eq(2).all() and values.grad[0, 1].eq(0).all()
+    assert values.grad[1, 0].eq(0).all()  # only ignored entries point there after masking
     flat = lk.gather_at_targets(values[..., 0], targets[:, 0])
     assert flat.shape == (2, 3) and flat[0, 2] == 0 and flat[1, 1] == values[1, 2, 0]
+    # Another ignore_index, per-view targets (B, V, Nq) of 2-D values: [[0, 4, 0]], [[0, 2, 2]].
+    per_view = lk.gather_at_targets(values[..., 0], targets.clamp(min=0), ignore_index=2, fill=-1.0)
+    assert per_view.shape == (2, 1, 3) and per_view[1, 0, 1:].eq(-1).all()
+    assert torch.equal(per_view[0, 0], values[0, [0, 4, 0], 0]) and per_view[1, 0, 0] == values[1, 0, 0]
+
+
+def test_gather_at_targets_never_reads_values_on_the_host():
+    # On the meta device any value-dependent host decision (a sync on a GPU) would fail.
+    got = lk.gather_at_targets(torch.empty(64, 196, 4096, device="meta"),
+                               torch.empty(64, 10, 36, dtype=torch.int64, device="meta"))
+    assert got.shape == (64, 10, 36, 4096) and got.device.type == "meta"
+
+
+@pytest.mark.parametrize("values,targets,kind,match", [
+    (torch.zeros(2, 5, 3, 1), torch.zeros(2, 3, dtype=torch.int64), ValueError, "values must be"),
+    (torch.zeros(2, 5), torch.zeros(3, 4, dtype=torch.int64), ValueError, "B=2"),
+    (torch.zeros(2, 5), torch.zeros(2, 4), TypeError, "integer"),
+])
+def test_gather_at_targets_errors(values, targets, kind, match):
+    with pytest.raises(kind, match=match):
+        lk.gather_at_targets(values, targets)
 
 
 def test_geometry_is_seeded_and_within_ranges():
@@ -176,6 +245,24 @@ def test_geometry_falls_back_to_a_central_crop():
     assert (y0, y1) == (0.0, 10.0) and abs((x1 - x0) - 10 * 4 / 3) < 1e-4 and abs((x0 + x1) / 2 - 50) < 1e-4
 
 
+def test_geometry_per_image_sizes():
+    sizes = torch.tensor([[10, 100], [100, 10], [64, 48]])
+    boxes = geometry.sample_boxes(3, 50, sizes, (0.3, 1.0), generator=torch.Generator().manual_seed(1)).double()
+    x0, y0, x1, y1 = boxes.unbind(-1)
+    height, width = sizes.double().unbind(-1)
+    assert (x0 >= 0).all() and (y0 >= 0).all()
+    assert (x1 <= width[:, None]).all() and (y1 <= height[:, None]).all()
+    # The 1:10 and 10:1 images only fit the central fallback crop; the 64x48 one samples.
+    assert torch.allclose(boxes[1, 0], torch.tensor([0.0, 100 / 2 - 10 / 0.75 / 2, 10, 50 + 10 / 0.75 / 2]).double())
+    assert (boxes[0] == boxes[0, :1]).all() and (boxes[2] != boxes[2, :1]).any()
+    area = (x1 - x0)[2] * (y1 - y0)[2] / (64 * 48)
+    assert area.min() >= 0.3 - 1e-4 and area.max() <= 1 + 1e-4
+    with pytest.raises(ValueError, match="image_size"):
+        geometry.sample_boxes(2, 1, sizes, (0.3, 1.0))
+    with pytest.raises(ValueError, match="area_range"):
+        geometry.sample_boxes(2, 1, (10, 10), (0.0, 1.0))
+
+
 def test_drop_tokens_keeps_a_sorted_subset_with_its_targets():
     targets = torch.arange(20).reshape(2, 10) * 3
     kept, kept_targets = geometry.drop_tokens(targets, 4, generator=torch.Generator().manual_seed(0))
@@ -183,9 +270,16 @@ def test_drop_tokens_keeps_a_sorted_subset_with_its_targets():
     assert torch.equal(kept_targets, targets.gather(1, kept))
     with pytest.raises(ValueError, match="num_keep"):
         geometry.drop_tokens(targets, 11)
-
-
-CUDA = pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device"))
+    with pytest.raises(ValueError, match=r"\(B, N\)"):
+        geometry.drop_tokens(targets[0], 2)
+    # Every row is a uniform subset: over many rows each token is kept about num_keep / N of the time.
+    many = torch.arange(10).repeat(4000, 1)
+    kept, kept_targets = geometry.drop_tokens(many, 3, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(kept, kept_targets)
+    frequency = torch.bincount(kept.flatten(), minlength=10) / 4000
+    assert ((frequency - 0.3).abs() < 0.03).all()
+    again, _ = geometry.drop_tokens(many, 3, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(kept, again)
 
 
 @pytest.mark.parametrize("backend", BACKENDS[1:] + [CUDA])
@@ -210,3 +304,38 @@ def test_fused_kernel_equals_reference_on_many_views_with_edge_hits(backend):
                                        backend=backend)
     assert torch.equal(got.cpu(), lk.relative_position_targets(qb.float(), rb.float(), (6, 6), (14, 14), **kw,
                                                                backend="torch"))
+
+
+@pytest.mark.skipif(not TRITON_AVAILABLE, reason="triton is not installed")
+@pytest.mark.parametrize("capability", [80, 90])
+def test_triton_kernel_compiles_for_gpus_without_fused_multiply_add(capability):
+    # Compiled to PTX here, no GPU needed. Every integer argument equal to 1 (a grid side of
+    # 1, V = 1) is given the type the launcher would give it: a constexpr unless the kernel
+    # opts out of specialisation.
+    import re
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from triton.runtime.jit import JITFunction
+
+    from loca_kernels.targets import triton as targets_triton
+
+    kernel = targets_triton._targets_kernel
+    if not isinstance(kernel, JITFunction):  # the interpreter wraps the Python function
+        kernel = JITFunction(kernel.fn, **kernel.kwargs)
+    pointers = dict(query_boxes="*fp64", ref_boxes="*fp64", query_flip="*i8", ref_flip="*i8",
+                    query_rot90="*i32", out="*i64")
+    signature, constexprs = {}, {"BLOCK": 64}
+    for param in kernel.params:
+        if param.name in pointers:
+            signature[param.name] = pointers[param.name]
+        elif param.is_constexpr or not param.do_not_specialize:
+            signature[param.name] = "constexpr"
+            constexprs.setdefault(param.name, 1)
+        else:
+            signature[param.name] = "i32"
+    compiled = triton.compile(ASTSource(kernel, signature, constexprs=constexprs),
+                              target=GPUTarget("cuda", capability, 32), options=targets_triton.COMPILE_OPTIONS)
+    ptx = compiled.asm["ptx"]
+    assert "div.rn.f64" in ptx and not re.search(r"\bfma\.|\brcp\.", ptx)

@@ -1,12 +1,14 @@
-// Relative-position targets on the CPU: one pass over the patches of every query view,
-// OpenMP over views. The arithmetic is the reference's (loca_kernels/targets/reference.py),
-// in float64 and in the same order, so that results are identical element for element.
+// Relative-position targets on the CPU: OpenMP over views; per view one reference column per
+// query column and one reference row per query row, then one pass over the patches. The
+// arithmetic is the reference's (loca_kernels/targets/reference.py), in float64 and in the
+// same order, so that results are identical element for element.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <cmath>
+#include <vector>
 
 namespace {
 
@@ -43,6 +45,10 @@ at::Tensor relative_position_targets_cpu(const at::Tensor& query_boxes, const at
   int64_t* outp = out.data_ptr<int64_t>();
 
   at::parallel_for(0, batch * views, 16, [&](int64_t begin, int64_t end) {
+    // A centre's x depends only on its column c of the un-turned grid and y only on its row r,
+    // so the reference column of every c and the reference row of every r (-1: outside the
+    // reference box) are computed once per view and the patches only look them up.
+    std::vector<int64_t> col_of, row_of;
     for (int64_t view = begin; view < end; ++view) {
       const int64_t b = view / views;
       const int64_t turns = qrp[view] & 3;
@@ -52,29 +58,33 @@ at::Tensor relative_position_targets_cpu(const at::Tensor& query_boxes, const at
       const double* ref = rbp + b * 4;
       const double step_x = (box[2] - box[0]) / gw, step_y = (box[3] - box[1]) / gh;
       const double scale_x = wr / (ref[2] - ref[0]), scale_y = hr / (ref[3] - ref[1]);
+      col_of.resize(gw);
+      row_of.resize(gh);
+      for (int64_t c = 0; c < gw; ++c) {
+        const double x = box[0] + (c + 0.5) * step_x;
+        int64_t col = -1;
+        if (x >= ref[0] && x < ref[2]) {
+          col = std::clamp<int64_t>(static_cast<int64_t>(std::floor((x - ref[0]) * scale_x)), 0, wr - 1);
+          if (rfp[b]) col = wr - 1 - col;
+        }
+        col_of[qfp[view] ? gw - 1 - c : c] = col;  // indexed by the column of the flipped grid
+      }
+      for (int64_t r = 0; r < gh; ++r) {
+        const double y = box[1] + (r + 0.5) * step_y;
+        row_of[r] = y >= ref[1] && y < ref[3]
+                        ? std::clamp<int64_t>(static_cast<int64_t>(std::floor((y - ref[1]) * scale_y)), 0, hr - 1)
+                        : -1;
+      }
+      // Output (i, j) of torch.rot90(grid, turns) reads grid[r][c] of the flipped grid, with
+      // r = r0 + i * ri + j * rj and c = c0 + i * ci + j * cj.
+      static constexpr int64_t kSteps[4][4] = {{1, 0, 0, 1}, {0, 1, -1, 0}, {-1, 0, 0, -1}, {0, -1, 1, 0}};
+      const int64_t ri = kSteps[turns][0], rj = kSteps[turns][1], ci = kSteps[turns][2], cj = kSteps[turns][3];
+      const int64_t r0 = ri + rj < 0 ? gh - 1 : 0, c0 = ci + cj < 0 ? gw - 1 : 0;
       int64_t* target = outp + view * hq * wq;
       for (int64_t i = 0; i < hq; ++i) {
         for (int64_t j = 0; j < wq; ++j) {
-          // Output (i, j) of torch.rot90(grid, turns) reads grid[r][c] of the flipped grid.
-          int64_t r, c;
-          switch (turns) {
-            case 0: r = i; c = j; break;
-            case 1: r = j; c = gw - 1 - i; break;
-            case 2: r = gh - 1 - i; c = gw - 1 - j; break;
-            default: r = gh - 1 - j; c = i; break;
-          }
-          if (qfp[view]) c = gw - 1 - c;
-          const double x = box[0] + (c + 0.5) * step_x;
-          const double y = box[1] + (r + 0.5) * step_y;
-          int64_t value = ignore_index;
-          if (x >= ref[0] && x < ref[2] && y >= ref[1] && y < ref[3]) {
-            int64_t col = std::clamp<int64_t>(static_cast<int64_t>(std::floor((x - ref[0]) * scale_x)), 0, wr - 1);
-            const int64_t row =
-                std::clamp<int64_t>(static_cast<int64_t>(std::floor((y - ref[1]) * scale_y)), 0, hr - 1);
-            if (rfp[b]) col = wr - 1 - col;
-            value = row * wr + col;
-          }
-          target[i * wq + j] = value;
+          const int64_t row = row_of[r0 + i * ri + j * rj], col = col_of[c0 + i * ci + j * cj];
+          target[i * wq + j] = row >= 0 && col >= 0 ? row * wr + col : ignore_index;
         }
       }
     }

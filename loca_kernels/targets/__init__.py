@@ -112,6 +112,8 @@ def relative_position_targets(query_boxes: torch.Tensor, ref_boxes: torch.Tensor
     if ref_boxes.shape[0] != b:
         raise ValueError(f"{OP}: ref_boxes must have B={b} rows like query_boxes, got shape {shape_str(ref_boxes)}")
     query_grid, ref_grid = check_grid(OP, "query_grid", query_grid), check_grid(OP, "ref_grid", ref_grid)
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"{OP}: ignore_index must be an int, got {type(ignore_index).__name__}")
     device = query_boxes.device
     check_same_device(OP, [("query_boxes", query_boxes), ("ref_boxes", ref_boxes), ("query_flip", query_flip),
                            ("ref_flip", ref_flip), ("query_rot90", query_rot90)])
@@ -137,7 +139,7 @@ def gather_at_targets(values: torch.Tensor, targets: torch.Tensor, *, ignore_ind
         targets: (B, Nq) or (B, V, Nq) int64 reference-patch indices or ignore_index.
     Returns:
         targets.shape (+ (K,)): values[b, targets[b, ...]], `fill` where ignored. Differentiable
-        in values.
+        in values (ignored entries pass no gradient); no host synchronisation.
     """
     op = "gather_at_targets"
     check_tensor(op, "targets", targets)

@@ -8,14 +8,30 @@ from typing import Optional, Sequence
 import torch
 
 
-def sample_boxes(batch: int, num_views: int, image_size: Sequence[int], area_range: Sequence[float],
+def sample_boxes(batch: int, num_views: int, image_size, area_range: Sequence[float],
                  aspect_range: Sequence[float] = (3 / 4, 4 / 3), *,
                  generator: Optional[torch.Generator] = None) -> torch.Tensor:
-    """Crop boxes (batch, num_views, 4) float32 (x0, y0, x1, y1) in pixels of an image of
-    image_size = (height, width): area fraction uniform in area_range, aspect ratio (w / h)
-    log-uniform in aspect_range, position uniform; after 10 tries that do not fit, the
-    largest central crop within aspect_range (as torchvision's RandomResizedCrop)."""
-    height, width = (float(s) for s in image_size)
+    """Crop boxes (batch, num_views, 4) float32 (x0, y0, x1, y1) in pixels, RandomResizedCrop-style.
+
+    image_size: (height, width) of every image, or a (batch, 2) tensor of per-image sizes.
+    Area fraction uniform in area_range, aspect ratio (w / h) log-uniform in aspect_range,
+    position uniform; a view none of whose 10 tries fits in its image gets the largest central
+    crop with an aspect ratio in aspect_range (as torchvision's RandomResizedCrop). Random
+    numbers come from `generator` (CPU); the boxes are CPU tensors.
+    """
+    op = "sample_boxes"
+    if not 0 < area_range[0] <= area_range[1] <= 1:
+        raise ValueError(f"{op}: area_range must satisfy 0 < low <= high <= 1, got {tuple(area_range)}")
+    if not 0 < aspect_range[0] <= aspect_range[1]:
+        raise ValueError(f"{op}: aspect_range must satisfy 0 < low <= high, got {tuple(aspect_range)}")
+    sizes = torch.as_tensor(image_size, dtype=torch.float64).cpu()
+    if sizes.shape not in ((2,), (batch, 2)):
+        raise ValueError(f"{op}: image_size must be (height, width) or a ({batch}, 2) tensor, "
+                         f"got shape {tuple(sizes.shape)}")
+    if not bool((sizes > 0).all()):
+        raise ValueError(f"{op}: image sizes must be positive, got min {float(sizes.min())}")
+    height, width = sizes.reshape(-1, 2).unbind(-1)
+    height, width = height[:, None], width[:, None]              # (batch or 1, 1)
     shape = (batch, num_views)
     box = torch.zeros(*shape, 4, dtype=torch.float64)
     done = torch.zeros(shape, dtype=torch.bool)
@@ -30,16 +46,12 @@ def sample_boxes(batch: int, num_views: int, image_size: Sequence[int], area_ran
         fits = (w <= width) & (h <= height) & ~done
         box[fits] = torch.stack([x0, y0, x0 + w, y0 + h], dim=-1)[fits]
         done |= fits
-    if not bool(done.all()):  # central crop fallback
-        ratio = width / height
-        if ratio < aspect_range[0]:
-            w, h = width, width / aspect_range[0]
-        elif ratio > aspect_range[1]:
-            w, h = height * aspect_range[1], height
-        else:
-            w, h = width, height
-        x0, y0 = (width - w) / 2, (height - h) / 2
-        box[~done] = torch.tensor([x0, y0, x0 + w, y0 + h], dtype=torch.float64)
+    # Central crop fallback: the whole image, narrowed to the nearest allowed aspect ratio.
+    w = torch.minimum(width, height * aspect_range[1])
+    h = torch.minimum(height, width / aspect_range[0])
+    x0, y0 = (width - w) / 2, (height - h) / 2
+    central = torch.stack(torch.broadcast_tensors(x0, y0, x0 + w, y0 + h), dim=-1).expand(*shape, 4)
+    box = torch.where(done[..., None], box, central)
     return box.float()
 
 
@@ -53,6 +65,9 @@ def drop_tokens(targets: torch.Tensor, num_keep: int, *, generator: Optional[tor
     """Keep a uniform random subset of num_keep tokens per row of targets (B, N).
 
     Returns (kept_index int64 (B, num_keep) sorted ascending, kept_targets (B, num_keep))."""
+    if not isinstance(targets, torch.Tensor) or targets.dim() != 2:
+        raise ValueError(f"drop_tokens: targets must be a (B, N) tensor, got "
+                         f"{tuple(targets.shape) if isinstance(targets, torch.Tensor) else type(targets).__name__}")
     b, n = targets.shape
     if not 1 <= num_keep <= n:
         raise ValueError(f"drop_tokens: num_keep must be in [1, {n}], got {num_keep}")
