@@ -28,12 +28,11 @@ TORCH_LIBRARY(loca_kernels, m) {
   m.def("relative_position_targets(Tensor query_boxes, Tensor ref_boxes, int[] query_grid, "
         "int[] ref_grid, Tensor query_flip, Tensor ref_flip, Tensor query_rot90, int ignore_index) -> Tensor");
 
-  // One streaming pass of Sinkhorn (SPEC.md section 4) in the log domain, where
-  // Q[i, j] = exp(scores[i, j] * inv_epsilon - row_scale[i] - col_scale[j]) (float32 scales).
-  // normalize_rows: first set row_scale[i] = logsumexp_j(scores[i, j] * inv_epsilon - col_scale[j])
-  // + row_offset (otherwise row_scale is used as given). Returns (row_scale, result): result is
-  // Q * exp(log_scale) as float32 (N, K) when write, else the column log-sums
-  // logsumexp_i(log Q[i, j]) as float32 (K,).
-  m.def("sinkhorn_pass(Tensor scores, Tensor row_scale, Tensor col_scale, float inv_epsilon, "
-        "bool normalize_rows, float row_offset, bool write, float log_scale) -> (Tensor, Tensor)");
+  // One streaming pass of Sinkhorn (SPEC.md section 4) over scores (N, K), float32 results.
+  // With x[i, j] = scores[i, j] * inv_epsilon - col_scale[j], p[i, j] = softmax_j(x[i, j]) when
+  // normalize_rows, else exp(x[i, j]). Returns (result, shift): result is p (N, K) when write
+  // (shift 0), else the column sums sum_i p[i, j] * exp(-shift) (K,), where shift (a 0-dim
+  // tensor) is 0 for normalised rows and max_ij x[i, j] otherwise, which keeps them finite.
+  m.def("sinkhorn_pass(Tensor scores, Tensor col_scale, float inv_epsilon, bool normalize_rows, bool write) "
+        "-> (Tensor, Tensor)");
 }

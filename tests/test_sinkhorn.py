@@ -1,5 +1,5 @@
-"""sinkhorn against the textbook formulas of LOCA and SwAV, for stability, errors and the
-2-process distributed case."""
+"""sinkhorn against the textbook formulas of LOCA and SwAV on every backend: results, the pass
+and all-reduce counts, stability, errors and the 2-process distributed case."""
 import os
 import socket
 
@@ -10,18 +10,29 @@ import torch.multiprocessing as mp
 
 import loca_kernels as lk
 from helpers import assert_close
-from loca_kernels._backends import extension_has_kernel
+from loca_kernels._backends import extension_has_kernel, triton_can_run
+from loca_kernels.sinkhorn import _pass_operator, fused
 
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 BACKENDS = [
     "torch",
     pytest.param("cpu", marks=pytest.mark.skipif(not extension_has_kernel("sinkhorn_pass", "CPU"),
                                                  reason="extension built without the CPU Sinkhorn kernel")),
+    pytest.param("triton", marks=pytest.mark.skipif(not triton_can_run(DEVICE), reason="Triton cannot run here")),
+    pytest.param("cuda", marks=pytest.mark.skipif(not extension_has_kernel("sinkhorn_pass", "CUDA")
+                                                  or DEVICE.type != "cuda", reason="needs a GPU and CUDA kernels")),
 ]
+FUSED = BACKENDS[1:]
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def device_of(backend):
+    return torch.device("cuda") if backend == "cuda" else DEVICE if backend == "triton" else torch.device("cpu")
 
 
 def textbook(scores, epsilon, iterations, mode):
     """The formulas as LOCA and SwAV write them, in float64 (overflows for large scores)."""
-    s = scores.double() / epsilon
+    s = scores.double().cpu() / epsilon
     if mode == "loca":
         q = torch.softmax(s, dim=1)
         for _ in range(iterations):
@@ -37,30 +48,94 @@ def textbook(scores, epsilon, iterations, mode):
     return q * n
 
 
+def random_scores(n, k, scale=0.1, dtype=torch.float32, device="cpu", seed=None):
+    gen = torch.Generator().manual_seed(n * 7919 + k if seed is None else seed)
+    return (torch.randn(n, k, generator=gen) * scale).to(device, dtype)
+
+
+# Every iteration count on the small shapes; the large ones (LOCA's K, and N past every block
+# size) at 0, 1 and 5.
+SHAPES_AND_ITERATIONS = [(n, k, t) for n, k in [(1, 1), (7, 3), (1, 4096)] for t in range(6)] + \
+    [(n, k, t) for n, k in [(196, 4096), (12544 + 3, 3)] for t in (0, 1, 5)]
+
+
 @pytest.mark.parametrize("mode", ["loca", "swav"])
-@pytest.mark.parametrize("n,k", [(1, 1), (7, 3), (196, 4096), (12544 + 3, 3)])
-@pytest.mark.parametrize("iterations", [0, 1, 3, 5])
+@pytest.mark.parametrize("n,k,iterations", SHAPES_AND_ITERATIONS)
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_matches_the_textbook_formula(mode, n, k, iterations, backend):
-    scores = torch.randn(n, k, generator=torch.Generator().manual_seed(n + k)) * 0.1
+    scores = random_scores(n, k, device=device_of(backend))
     got = lk.sinkhorn(scores, epsilon=0.05, iterations=iterations, mode=mode, backend=backend)
     assert got.dtype == torch.float32 and got.shape == (n, k) and not got.requires_grad
+    assert got.device == scores.device
     assert_close(got, textbook(scores, 0.05, iterations, mode), torch.float32)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("mode", ["loca", "swav"])
+@pytest.mark.parametrize("n,k", [(7, 3), (197, 4096)])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_every_input_dtype_computes_in_float32(dtype, mode, n, k, backend):
+    # The input is read in its own dtype and computed on in float32: against the textbook
+    # formula on the same (rounded) values, the float32 tolerance holds.
+    scores = random_scores(n, k, scale=0.2, dtype=dtype, device=device_of(backend))
+    got = lk.sinkhorn(scores, iterations=3, mode=mode, backend=backend)
+    assert_close(got, textbook(scores, 0.05, 3, mode), torch.float32)
+
+
+@pytest.mark.parametrize("backend", FUSED)
+def test_reads_scores_in_place_with_a_row_stride(backend):
+    wide = random_scores(50, 40, device=device_of(backend))
+    scores = wide[:, 3:30]                                  # row stride 40, contiguous along K
+    got = lk.sinkhorn(scores, iterations=2, backend=backend)
+    assert_close(got, textbook(scores, 0.05, 2, "loca"), torch.float32)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("mode", ["loca", "swav"])
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_stable_where_the_textbook_overflows(dtype, mode, backend):
-    scores = (torch.randn(300, 64, generator=torch.Generator().manual_seed(0)) * 100).to(dtype)  # |s|/eps ~ 2000
+    scores = random_scores(300, 64, scale=100, dtype=dtype, device=device_of(backend), seed=0)  # |s|/eps ~ 2000
     assert not torch.isfinite(torch.exp(scores.float() / 0.05)).all()  # the textbook would overflow
     got = lk.sinkhorn(scores, epsilon=0.05, iterations=3, mode=mode, backend=backend)
     assert torch.isfinite(got).all()
     # Against the float64 log-domain reference; x = scores / epsilon ~ 2000 carries float32
     # rounding of about 2000 * 6e-8 in every exponent.
-    expected = lk.sinkhorn(scores, epsilon=0.05, iterations=3, mode=mode, backend="torch")
-    assert (got - expected).abs().max() < 1e-3
+    expected = lk.sinkhorn(scores.cpu(), epsilon=0.05, iterations=3, mode=mode, backend="torch")
+    assert (got.cpu() - expected).abs().max() < 1e-3
     assert_close(got.sum(dim=1), torch.ones(300, dtype=torch.float64), torch.float32, "row sums")
+
+
+@pytest.mark.parametrize("mode", ["loca", "swav"])
+@pytest.mark.parametrize("backend", FUSED)
+def test_a_prototype_far_from_every_sample(mode, backend):
+    # Column 0 lies ~400 below every sample: its pass-0 sum underflows float32, so pass 0 is
+    # redone in the log domain; the other columns stay on the fast path's scale.
+    scores = random_scores(40, 6, scale=0.5, seed=1)
+    scores[:, 0] -= 20.0
+    scores = scores.to(device_of(backend))
+    got = lk.sinkhorn(scores, iterations=3, mode=mode, backend=backend)
+    assert_close(got, textbook(scores, 0.05, 3, mode), torch.float32)
+    assert got[:, 0].sum() > 0.5       # the balancing gives the far prototype its share
+
+
+class CountingPass:
+    def __init__(self, backend):
+        self.op, self.calls = _pass_operator(backend), []
+
+    def __call__(self, scores, col, inv_epsilon, normalize_rows, write):
+        self.calls.append(write)
+        return self.op(scores, col, inv_epsilon, normalize_rows, write)
+
+
+@pytest.mark.parametrize("mode,iterations,passes", [("loca", 0, 1), ("swav", 0, 2), ("loca", 1, 2), ("swav", 1, 2),
+                                                    ("loca", 3, 4), ("swav", 3, 4), ("loca", 5, 6)])
+@pytest.mark.parametrize("backend", FUSED)
+def test_passes_over_scores(mode, iterations, passes, backend):
+    scores = random_scores(33, 10, device=device_of(backend))
+    counting = CountingPass(backend)
+    got = fused.sinkhorn(counting, scores, epsilon=0.05, iterations=iterations, mode=mode)
+    assert len(counting.calls) == passes and counting.calls.count(True) == 1 and counting.calls[-1]
+    assert_close(got, textbook(scores, 0.05, iterations, mode), torch.float32)
 
 
 @pytest.mark.parametrize("kwargs,kind,match", [
@@ -68,9 +143,12 @@ def test_stable_where_the_textbook_overflows(dtype, mode, backend):
     (dict(scores=torch.zeros(0, 4)), ValueError, "N >= 1 samples and K >= 1"),
     (dict(scores=torch.zeros(4, 0)), ValueError, "K >= 1 prototypes"),
     (dict(scores=torch.zeros(4, 4, dtype=torch.int32)), TypeError, "dtype in"),
+    (dict(scores=torch.zeros(4, 4, dtype=torch.float64)), TypeError, "dtype in"),
     (dict(epsilon=0.0), ValueError, "epsilon must be a number > 0, got 0.0"),
     (dict(epsilon=-1), ValueError, "epsilon"),
+    (dict(epsilon="0.1"), ValueError, "epsilon"),
     (dict(iterations=-1), ValueError, "iterations must be an int >= 0"),
+    (dict(iterations=1.0), ValueError, "iterations must be an int >= 0, got 1.0"),
     (dict(mode="dino"), ValueError, "mode must be one of"),
     (dict(backend="gpu"), ValueError, "backend must be None or one of"),
     ("scores", TypeError, "scores must be a torch.Tensor"),
@@ -86,43 +164,78 @@ def test_errors(kwargs, kind, match):
         lk.sinkhorn(args.pop("scores"), **args)
 
 
+def test_a_named_backend_that_cannot_run_raises():
+    with pytest.raises(RuntimeError, match="backend 'cuda' cannot run this call"):
+        lk.sinkhorn(torch.zeros(4, 4), backend="cuda")
+
+
+def test_input_is_not_written():
+    scores = random_scores(20, 5)
+    before = scores.clone()
+    for backend in ("torch", "cpu"):
+        lk.sinkhorn(scores, backend=backend)
+    assert torch.equal(scores, before)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-def _rank_main(rank, world, port, scores, mode, backend, results):
+def _rank_main(rank, world, port, scores, mode, iterations, backend, results):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
+    calls = []
+    all_reduce = dist.all_reduce
+
+    def counted(tensor, *args, **kwargs):
+        calls.append(tensor.numel())
+        return all_reduce(tensor, *args, **kwargs)
+
+    dist.all_reduce = counted
     try:
         rows = scores.tensor_split(world)[rank]
-        results[rank] = lk.sinkhorn(rows, iterations=3, mode=mode, group=dist.group.WORLD, backend=backend)
+        got = lk.sinkhorn(rows, iterations=iterations, mode=mode, group=dist.group.WORLD, backend=backend)
+        results[rank] = (got, calls)
     finally:
+        dist.all_reduce = all_reduce
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("mode", ["loca", "swav"])
+# scale 0.5: x = scores / epsilon spreads over ~60, the fast path; scale 3: over ~400, where
+# pass 0 underflows and is redone in the log domain (two more all-reduces).
+@pytest.mark.parametrize("mode,iterations,scale", [("loca", 3, 0.5), ("swav", 3, 0.5), ("swav", 0, 0.5),
+                                                   ("loca", 3, 3.0), ("swav", 3, 3.0)])
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_two_gloo_ranks_equal_one_process_on_the_concatenated_scores(mode, backend):
-    scores = torch.randn(37, 11, generator=torch.Generator().manual_seed(5)) * 3
+def test_two_gloo_ranks_equal_one_process_on_the_concatenated_scores(mode, iterations, scale, backend):
+    if backend == "cuda":
+        pytest.skip("gloo test runs on CPU tensors")
+    scores = random_scores(37, 11, scale=scale, seed=5)
     results = mp.Manager().dict()
-    mp.spawn(_rank_main, args=(2, _free_port(), scores, mode, backend, results), nprocs=2, join=True)
-    together = torch.cat([results[0], results[1]])
-    assert_close(together, lk.sinkhorn(scores, iterations=3, mode=mode).double(), torch.float32)
+    mp.spawn(_rank_main, args=(2, _free_port(), scores, mode, iterations, backend, results), nprocs=2, join=True)
+    together = torch.cat([results[0][0], results[1][0]])
+    assert_close(together, textbook(scores, 0.05, iterations, mode), torch.float32)
+    if backend != "torch" and iterations > 0 and scale < 1:
+        # One all-reduce of K (+ the row count) per iteration; SwAV adds the max for its shift.
+        calls = results[0][1]
+        assert [size for size in calls if size > 1] == [11 + 1] + [11] * (iterations - 1)
+        assert len(calls) == iterations + (mode == "swav")
 
 
-@pytest.mark.skipif(not extension_has_kernel("sinkhorn_pass", "CPU"), reason="extension built without the CPU kernel")
 @pytest.mark.parametrize("write", [False, True])
-def test_opcheck_cpu_pass(write):
-    scores = torch.randn(70, 9)
-    args = (scores, torch.zeros(70), torch.randn(9), 20.0, True, 0.0, write, 0.0)
-    torch.library.opcheck(torch.ops.loca_kernels.sinkhorn_pass.default, args)
+@pytest.mark.parametrize("normalize_rows", [False, True])
+@pytest.mark.parametrize("backend", FUSED)
+def test_opcheck_pass_operators(backend, normalize_rows, write):
+    scores = random_scores(70, 9, device=device_of(backend))
+    args = (scores, torch.randn(9, device=scores.device), 20.0, normalize_rows, write)
+    op = torch.ops.loca_kernels.sinkhorn_pass_triton if backend == "triton" else torch.ops.loca_kernels.sinkhorn_pass
+    torch.library.opcheck(op.default, args)
 
 
 @pytest.mark.skipif(not extension_has_kernel("sinkhorn_pass", "CPU"), reason="extension built without the CPU kernel")
 def test_cpu_result_does_not_depend_on_the_thread_count():
-    scores = torch.randn(1000, 33, generator=torch.Generator().manual_seed(0))
+    scores = random_scores(1000, 33, scale=1.0, seed=0)
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)

@@ -1,36 +1,50 @@
-// One streaming Sinkhorn pass on the CPU (schema and meaning in csrc/ops.cpp). Each row of
-// `scores` is read once, in its own dtype, into a small float buffer: the row scale is
-// computed from it and then, while it is in cache, either the result row is written or
-// the row's contribution to the column log-sums is folded into per-chunk (max, sum)
-// partials. Chunks of rows are fixed (not per thread) and reduced in order: the result
-// does not depend on the number of threads.
+// One streaming Sinkhorn pass on the CPU (schema and meaning in csrc/ops.cpp).
+//
+// Each row of `scores` is read once, in its own dtype, and turned into x = s / eps - col_scale
+// in a float row buffer (the output row itself when writing). One exp per entry: with the
+// row's max m, e = exp(x - m) gives both the row's sum and, scaled by one number per row, the
+// row's probabilities and its contribution to the column sums. Rows are cut into fixed chunks
+// whose column partial sums are added in chunk order, so the result does not depend on the
+// number of threads.
+//
+// The loops over a row are plain C++ with 16 independent lanes for sums and maxima (float
+// reductions are otherwise not vectorised without -ffast-math), compiled twice: for AVX2 and
+// for the baseline ISA, picked at load time (GCC/Clang target_clones).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 #include <vector>
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(__APPLE__)
+#define LOCA_VECTOR_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define LOCA_VECTOR_CLONES
+#endif
 
 namespace {
 
-constexpr int64_t kChunkRows = 64;
+constexpr int64_t kChunkRows = 128;
+constexpr int64_t kLanes = 16;
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
-// exp(x) for x <= 88 written so that the compiler vectorises loops over it (std::exp is a
-// scalar call): x = n ln2 + r, |r| <= ln2 / 2, exp(r) by its degree-6 Taylor polynomial
-// (relative error below 2e-7), times 2^n built in the exponent bits. Inputs below -87
-// (and -inf) give exp(-87), about 1.6e-38: negligible beside the terms >= 1 of every sum.
-// max written as a select on values (std::max returns a reference: a branch, no vectorising).
-inline float max_of(float a, float b) { return a > b ? a : b; }
+inline float max_of(float a, float b) { return a > b ? a : b; }  // a select, unlike std::max
 
+// exp(x) as branch-free arithmetic that vectorises (std::exp is a library call): x = n ln2 + r,
+// |r| <= ln2 / 2, exp(r) by its degree-6 Taylor polynomial (relative error below 2e-7), times
+// 2^n built in the exponent bits. exp(x) < 2^-125 (below float32's normal range, and -inf)
+// gives 0; x must be <= 88.
 inline float fast_exp(float x) {
-  x = max_of(x, -87.0f);
+  const float clamped = max_of(x, -87.0f);
   constexpr float kRound = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
-  const float n = (x * 1.44269504f + kRound) - kRound;
-  const float r = (x - n * 0.693145752f) - n * 1.42860677e-6f;
+  const float n = (clamped * 1.44269504f + kRound) - kRound;
+  const float r = (clamped - n * 0.693145752f) - n * 1.42860677e-6f;
   float p = 1.0f / 720;
   p = p * r + 1.0f / 120;
   p = p * r + 1.0f / 24;
@@ -41,86 +55,129 @@ inline float fast_exp(float x) {
   const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
   float scale;
   std::memcpy(&scale, &bits, sizeof scale);
-  return p * scale;
+  return x < -87.0f ? 0.0f : p * scale;
+}
+
+// x[j] = s[j] * inv_epsilon - col_scale[j]; returns max_j x[j].
+LOCA_VECTOR_CLONES float shift_row(const float* s, const float* col_scale, float inv_epsilon, int64_t k, float* x) {
+  float lane_max[kLanes];
+  for (int64_t l = 0; l < kLanes; ++l) lane_max[l] = kNegInf;
+  int64_t j = 0;
+  for (; j + kLanes <= k; j += kLanes) {
+    for (int64_t l = 0; l < kLanes; ++l) {
+      x[j + l] = s[j + l] * inv_epsilon - col_scale[j + l];
+      lane_max[l] = max_of(lane_max[l], x[j + l]);
+    }
+  }
+  float peak = kNegInf;
+  for (; j < k; ++j) {
+    x[j] = s[j] * inv_epsilon - col_scale[j];
+    peak = max_of(peak, x[j]);
+  }
+  for (int64_t l = 0; l < kLanes; ++l) peak = max_of(peak, lane_max[l]);
+  return peak;
+}
+
+// x[j] = exp(x[j] - shift) in place; returns the sum.
+LOCA_VECTOR_CLONES float exp_in_place(float* x, float shift, int64_t k) {
+  float lane_sum[kLanes] = {};
+  int64_t j = 0;
+  for (; j + kLanes <= k; j += kLanes) {
+    for (int64_t l = 0; l < kLanes; ++l) {
+      x[j + l] = fast_exp(x[j + l] - shift);
+      lane_sum[l] += x[j + l];
+    }
+  }
+  float total = 0.0f;
+  for (; j < k; ++j) total += (x[j] = fast_exp(x[j] - shift));
+  for (int64_t l = 0; l < kLanes; ++l) total += lane_sum[l];
+  return total;
+}
+
+// x[j] *= a.
+LOCA_VECTOR_CLONES void scale(float* x, float a, int64_t k) {
+  for (int64_t j = 0; j < k; ++j) x[j] *= a;
+}
+
+// y[j] = y[j] * a + x[j] * b.
+LOCA_VECTOR_CLONES void scale_add(float* y, float a, const float* x, float b, int64_t k) {
+  for (int64_t j = 0; j < k; ++j) y[j] = y[j] * a + x[j] * b;
 }
 
 template <typename scalar_t>
 void sinkhorn_pass_kernel(const at::Tensor& scores, const float* col_scale, float inv_epsilon, bool normalize_rows,
-                          float row_offset, bool write, float log_scale, float* row_scale, float* result) {
+                          bool write, float* result, float* shift_out) {
   const int64_t n = scores.size(0), k = scores.size(1), row_stride = scores.stride(0);
   const scalar_t* s = scores.data_ptr<scalar_t>();
   const int64_t chunks = (n + kChunkRows - 1) / kChunkRows;
-  // Column partials per chunk: (max, sum of exp(y - max)) of y = log Q over the chunk's rows.
-  std::vector<float> part_max(write ? 0 : chunks * k, kNegInf), part_sum(write ? 0 : chunks * k, 0.0f);
+  // Per chunk: column sums of exp(x - row_scale - chunk_shift) and the chunk's shift (0 for
+  // normalised rows; the largest x seen so far otherwise, grown as rows come).
+  std::vector<float> partial(write ? 0 : chunks * k, 0.0f), chunk_shift(chunks, normalize_rows ? 0.0f : kNegInf);
   at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> x(k), e(k);
+    std::vector<float> converted(std::is_same_v<scalar_t, float> ? 0 : k), buffer(write ? 0 : k);
     for (int64_t chunk = begin; chunk < end; ++chunk) {
-      float* pmax = write ? nullptr : &part_max[chunk * k];
-      float* psum = write ? nullptr : &part_sum[chunk * k];
+      float* sums = write ? nullptr : &partial[chunk * k];
+      float& shift = chunk_shift[chunk];
       for (int64_t i = chunk * kChunkRows; i < std::min(n, (chunk + 1) * kChunkRows); ++i) {
-        const scalar_t* row = s + i * row_stride;
-        float peak = kNegInf;
-        for (int64_t j = 0; j < k; ++j) {
-          x[j] = static_cast<float>(row[j]) * inv_epsilon - col_scale[j];
-          peak = max_of(peak, x[j]);
+        const float* row = nullptr;
+        if constexpr (std::is_same_v<scalar_t, float>) {
+          row = s + i * row_stride;
+        } else {
+          for (int64_t j = 0; j < k; ++j) converted[j] = static_cast<float>(s[i * row_stride + j]);
+          row = converted.data();
         }
-        if (normalize_rows) {
-          float total = 0.0f;
-          for (int64_t j = 0; j < k; ++j) total += fast_exp(x[j] - peak);
-          row_scale[i] = peak + std::log(total) + row_offset;
-        }
-        const float shift = row_scale[i];
-        if (write) {
-          float* out = result + i * k;
-          for (int64_t j = 0; j < k; ++j) out[j] = fast_exp(x[j] - shift + log_scale);
+        float* x = write ? result + i * k : buffer.data();
+        const float peak = shift_row(row, col_scale, inv_epsilon, k, x);
+        if (!normalize_rows) {
+          if (write) {
+            exp_in_place(x, 0.0f, k);
+            continue;
+          }
+          // exp(x - shift) with shift >= every x of the chunk so far: no overflow.
+          const float grown = max_of(shift, peak);
+          const float rescale = shift == grown ? 1.0f : std::exp(shift - grown);
+          shift = grown;
+          exp_in_place(x, grown, k);
+          scale_add(sums, rescale, x, 1.0f, k);
           continue;
         }
-        // Online log-sum-exp per column: rescale a partial only when its max grows.
-        for (int64_t j = 0; j < k; ++j) {
-          const float y = x[j] - shift;
-          const float grown = max_of(pmax[j], y);
-          e[j] = fast_exp(pmax[j] - grown) * psum[j] + fast_exp(y - grown);
-          pmax[j] = grown;
+        const float weight = 1.0f / exp_in_place(x, peak, k);  // the sum is >= 1 (the max's term)
+        if (write) {
+          scale(x, weight, k);
+        } else {
+          scale_add(sums, 1.0f, x, weight, k);
         }
-        for (int64_t j = 0; j < k; ++j) psum[j] = e[j];
       }
     }
   });
-  if (write) return;
-  at::parallel_for(0, k, 256, [&](int64_t begin, int64_t end) {
-    for (int64_t j = begin; j < end; ++j) {
-      float peak = kNegInf;
-      for (int64_t c = 0; c < chunks; ++c) peak = max_of(peak, part_max[c * k + j]);
-      if (peak == kNegInf) {
-        result[j] = kNegInf;
-        continue;
-      }
-      float total = 0.0f;
-      for (int64_t c = 0; c < chunks; ++c) total += part_sum[c * k + j] * fast_exp(part_max[c * k + j] - peak);
-      result[j] = peak + std::log(total);
-    }
-  });
+  if (write) {
+    *shift_out = 0.0f;
+    return;
+  }
+  float shift = kNegInf;
+  for (int64_t c = 0; c < chunks; ++c) shift = max_of(shift, chunk_shift[c]);
+  std::vector<float> factor(chunks);
+  for (int64_t c = 0; c < chunks; ++c) factor[c] = chunk_shift[c] == shift ? 1.0f : std::exp(chunk_shift[c] - shift);
+  std::fill(result, result + k, 0.0f);
+  for (int64_t c = 0; c < chunks; ++c) scale_add(result, 1.0f, &partial[c * k], factor[c], k);
+  *shift_out = shift;
 }
 
-std::tuple<at::Tensor, at::Tensor> sinkhorn_pass_cpu(const at::Tensor& scores, const at::Tensor& row_scale,
-                                                     const at::Tensor& col_scale, double inv_epsilon,
-                                                     bool normalize_rows, double row_offset, bool write,
-                                                     double log_scale) {
-  TORCH_CHECK(scores.dim() == 2 && scores.stride(1) == 1, "scores must be (N, K), contiguous along K");
+std::tuple<at::Tensor, at::Tensor> sinkhorn_pass_cpu(const at::Tensor& scores, const at::Tensor& col_scale,
+                                                     double inv_epsilon, bool normalize_rows, bool write) {
+  TORCH_CHECK(scores.dim() == 2 && scores.stride(1) == 1, "sinkhorn_pass: scores must be (N, K), contiguous along K");
   const int64_t n = scores.size(0), k = scores.size(1);
-  TORCH_CHECK(row_scale.sizes() == at::IntArrayRef({n}) && row_scale.scalar_type() == at::kFloat,
-              "row_scale must be float32 (N,)");
   TORCH_CHECK(col_scale.sizes() == at::IntArrayRef({k}) && col_scale.scalar_type() == at::kFloat,
-              "col_scale must be float32 (K,)");
-  at::Tensor rows = normalize_rows ? at::empty({n}, row_scale.options()) : row_scale.contiguous().clone();
-  at::Tensor cols = col_scale.contiguous();
-  at::Tensor result = write ? at::empty({n, k}, row_scale.options()) : at::empty({k}, row_scale.options());
+              "sinkhorn_pass: col_scale must be float32 (K,)");
+  const at::Tensor cols = col_scale.contiguous();
+  const auto options = col_scale.options();
+  at::Tensor result = write ? at::empty({n, k}, options) : at::empty({k}, options);
+  at::Tensor shift = at::empty({}, options);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, scores.scalar_type(), "sinkhorn_pass_cpu", [&] {
     sinkhorn_pass_kernel<scalar_t>(scores, cols.data_ptr<float>(), static_cast<float>(inv_epsilon), normalize_rows,
-                                   static_cast<float>(row_offset), write, static_cast<float>(log_scale),
-                                   rows.data_ptr<float>(), result.data_ptr<float>());
+                                   write, result.data_ptr<float>(), shift.data_ptr<float>());
   });
-  return {rows, result};
+  return {result, shift};
 }
 
 }  // namespace

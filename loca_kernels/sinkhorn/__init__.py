@@ -1,7 +1,8 @@
 """sinkhorn (SPEC.md section 4): balanced soft assignment of samples to prototypes.
 
-Home of the op: reference.py (the oracle, log domain), fused.py (the streaming driver over
-the C++ pass csrc/sinkhorn/cpu.cpp), distributed.py (sums over the ranks of a group).
+Home of the op: reference.py (the oracle, log domain), fused.py (the streaming driver over one
+backend's pass operator), distributed.py (sums over the ranks of a group). The pass operator:
+csrc/sinkhorn/cpu.cpp (C++), csrc/sinkhorn/kernels.cu (CUDA), triton.py (Triton).
 """
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from typing import Optional
 
 import torch
 
-from .._backends import EXTENSION_ERROR, choose_backend, extension_has_kernel
+from .._backends import EXTENSION_ERROR, choose_backend, extension_has_kernel, triton_can_run
 from .._validation import FLOAT_DTYPES, check_tensor, shape_str
 from . import fused, reference
 
@@ -20,9 +21,9 @@ MODES = ("loca", "swav")
 
 if EXTENSION_ERROR is None:
     @torch.library.register_fake("loca_kernels::sinkhorn_pass")
-    def _pass_fake(scores, row_scale, col_scale, inv_epsilon, normalize_rows, row_offset, write, log_scale):
+    def _pass_fake(scores, col_scale, inv_epsilon, normalize_rows, write):
         result = scores.new_empty(scores.shape if write else scores.shape[1:], dtype=torch.float32)
-        return row_scale.new_empty(row_scale.shape), result
+        return result, scores.new_empty((), dtype=torch.float32)
 
 
 def _support(device: torch.device) -> dict:
@@ -33,7 +34,26 @@ def _support(device: torch.device) -> dict:
             return "the extension was built without the CPU Sinkhorn kernel"
         return None
 
-    return {"cpu": cpu}
+    def cuda():
+        if device.type != "cuda":
+            return f"tensors are on {device}, the 'cuda' backend needs CUDA tensors"
+        if not extension_has_kernel("sinkhorn_pass", "CUDA"):
+            return "the extension was built without CUDA kernels"
+        return None
+
+    def triton():
+        if not triton_can_run(device):
+            return f"triton (installed?) needs CUDA tensors, or TRITON_INTERPRET=1 on the CPU; got {device} tensors"
+        return None
+
+    return {"cpu": cpu, "cuda": cuda, "triton": triton}
+
+
+def _pass_operator(name: str):
+    if name == "triton":
+        from .triton import sinkhorn_pass_triton
+        return sinkhorn_pass_triton
+    return torch.ops.loca_kernels.sinkhorn_pass
 
 
 def sinkhorn(scores: torch.Tensor, *, epsilon: float = 0.05, iterations: int = 3, mode: str = "loca",
@@ -59,12 +79,12 @@ def sinkhorn(scores: torch.Tensor, *, epsilon: float = 0.05, iterations: int = 3
         raise ValueError(f"{OP}: scores must have N >= 1 samples and K >= 1 prototypes, got shape {shape_str(scores)}")
     if not isinstance(epsilon, (int, float)) or not epsilon > 0:
         raise ValueError(f"{OP}: epsilon must be a number > 0, got {epsilon!r}")
-    if not isinstance(iterations, int) or iterations < 0:
+    if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 0:
         raise ValueError(f"{OP}: iterations must be an int >= 0, got {iterations!r}")
     if mode not in MODES:
         raise ValueError(f"{OP}: mode must be one of {MODES}, got {mode!r}")
     name = choose_backend(OP, backend, scores.device, _support(scores.device))
     if name == "torch":
         return reference.sinkhorn(scores, epsilon=float(epsilon), iterations=iterations, mode=mode, group=group)
-    return fused.sinkhorn(torch.ops.loca_kernels.sinkhorn_pass, scores, epsilon=float(epsilon),
+    return fused.sinkhorn(_pass_operator(name), scores, epsilon=float(epsilon),
                           iterations=iterations, mode=mode, group=group)

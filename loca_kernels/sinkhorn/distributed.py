@@ -1,8 +1,26 @@
-"""Sums over the samples of every rank, for the reference and the fused driver alike."""
+"""Sums and maxima over the samples of every rank, for the reference and the fused driver."""
 from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+
+
+def sum_over_ranks(local: torch.Tensor, group) -> torch.Tensor:
+    """Elementwise sum of `local` over the ranks of `group` (one all-reduce); None: itself."""
+    if group is None:
+        return local
+    total = local.clone()
+    dist.all_reduce(total, group=group)
+    return total
+
+
+def max_over_ranks(local: torch.Tensor, group) -> torch.Tensor:
+    """Elementwise max of `local` over the ranks of `group` (one all-reduce); None: itself."""
+    if group is None:
+        return local
+    peak = local.clone()
+    dist.all_reduce(peak, op=dist.ReduceOp.MAX, group=group)
+    return peak
 
 
 def logsumexp_over_ranks(local: torch.Tensor, group) -> torch.Tensor:
@@ -10,18 +28,13 @@ def logsumexp_over_ranks(local: torch.Tensor, group) -> torch.Tensor:
     (the max, then the sum of exp(local - max)), so that no entry under- or overflows."""
     if group is None:
         return local
-    peak = local.clone()
-    dist.all_reduce(peak, op=dist.ReduceOp.MAX, group=group)
+    peak = max_over_ranks(local, group)
     peak = torch.where(torch.isfinite(peak), peak, torch.zeros_like(peak))
-    total = torch.exp(local - peak)
-    dist.all_reduce(total, group=group)
-    return peak + torch.log(total)
+    return peak + torch.log(sum_over_ranks(torch.exp(local - peak), group))
 
 
 def rows_over_ranks(n: int, device, group) -> int:
     """The number of samples of all ranks."""
     if group is None:
         return n
-    count = torch.tensor([n], device=device)
-    dist.all_reduce(count, group=group)
-    return int(count)
+    return int(sum_over_ranks(torch.tensor([n], device=device), group))

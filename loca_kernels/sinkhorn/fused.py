@@ -1,15 +1,21 @@
-"""The streaming Sinkhorn driver: `iterations + 1` passes over `scores` (one more for "swav"
-with no iteration), each a call of a fused pass operator, with the scalings kept as two
-float32 vectors: Q[i, j] = exp(scores[i, j] / epsilon - row_scale[i] - col_scale[j]).
+"""The streaming Sinkhorn driver over one backend's fused pass operator (csrc/ops.cpp says what
+a pass computes). The scaling is kept as one float32 vector per prototype, `col`, so that
+log Q[i, j] = x[i, j] - col[j] - (the row's normaliser), x = scores / epsilon.
 
-  pass 0            loca: normalise rows (the softmax); swav: rows as they are.
-                    Column log-sums -> col_scale (the first column normalisation).
-  pass t < T        normalise rows, column log-sums -> col_scale += them.
-  pass T            normalise rows and write Q.
+Passes over `scores` (T = iterations):
+  pass 0        loca: softmax the rows; swav: exp(x) as it is. Column sums -> col.
+  passes 1..T-1 normalise the rows, column sums -> col += log(sums) (+ SwAV's constants).
+  pass T        normalise the rows and write Q.
+That is T + 1 reads of `scores` and one float32 write of Q for T >= 1; with T = 0, "loca" is
+one pass (the softmax) and "swav" two (the total mass, then Q).
 
-Column log-sums over several ranks are combined with two all-reduces of a K-vector (their
-max, then the sum of exp(log-sum - max)), which keeps every prototype finite however far it
-lies from every sample.
+Column sums are plain float32 sums, one exp per entry and one all-reduce of a K-vector per
+pass over ranks (plus, for "swav", the all-reduce of the max that keeps exp(x - max)
+finite). After pass 0 they cannot underflow: a column normalised to 1 keeps, after its rows
+are normalised, a sum >= 1 / (N K). In pass 0 a prototype far from every sample (|x| spread
+over ~87, never the case for cosine scores at epsilon = 0.05) has its sum flushed to
+zero; then, and only then, pass 0's column normaliser is recomputed in the log domain by a
+chunked PyTorch pass (one more read of `scores`, two all-reduces).
 """
 from __future__ import annotations
 
@@ -17,7 +23,12 @@ import math
 
 import torch
 
-from .distributed import logsumexp_over_ranks, rows_over_ranks
+from .distributed import logsumexp_over_ranks, max_over_ranks, sum_over_ranks
+
+# A column sum at least N * 2^-100 is exact to ~2e-8 relative although terms below 2^-125
+# were flushed to zero; below that, pass 0 is redone in the log domain.
+SMALLEST_EXACT_SUM_PER_ROW = 2.0 ** -100
+FALLBACK_CHUNK_ELEMENTS = 1 << 22
 
 
 @torch.no_grad()
@@ -27,21 +38,42 @@ def sinkhorn(sinkhorn_pass, scores: torch.Tensor, *, epsilon: float, iterations:
     scores = scores if scores.stride(1) == 1 else scores.contiguous()
     n, k = scores.shape
     inv_epsilon = 1.0 / epsilon
-    rows = torch.zeros(n, dtype=torch.float32, device=scores.device)
-    cols = torch.zeros(k, dtype=torch.float32, device=scores.device)
     swav = mode == "swav"
-    log_n = math.log(rows_over_ranks(n, scores.device, group)) if swav else 0.0
-    col_offset = math.log(k) if swav else 0.0
-    if iterations == 0:
-        if not swav:
-            return sinkhorn_pass(scores, rows, cols, inv_epsilon, True, 0.0, True, 0.0)[1]
-        # Q = exp(x) / total mass * N: the total mass comes from the row log-sums.
-        rows = sinkhorn_pass(scores, rows, cols, inv_epsilon, True, 0.0, False, 0.0)[0]
-        mass = logsumexp_over_ranks(torch.logsumexp(rows, 0, keepdim=True), group)
-        return sinkhorn_pass(scores, mass.expand(n).contiguous(), cols, inv_epsilon, False, 0.0, True, log_n)[1]
-    rows, col_lse = sinkhorn_pass(scores, rows, cols, inv_epsilon, not swav, 0.0, False, 0.0)
-    cols = logsumexp_over_ranks(col_lse, group) + col_offset
+    col = torch.zeros(k, dtype=torch.float32, device=scores.device)
+    if iterations == 0 and not swav:
+        return sinkhorn_pass(scores, col, inv_epsilon, True, True)[0]
+
+    sums, shift = sinkhorn_pass(scores, col, inv_epsilon, not swav, False)
+    if swav:  # a common shift for all ranks
+        peak = max_over_ranks(shift.reshape(1), group)
+        sums = sums * torch.exp(shift - peak)
+        shift = peak[0]
+    # The local row count rides along with the column sums: still one all-reduce.
+    counted = sum_over_ranks(torch.cat([sums.double(), sums.new_tensor([n], dtype=torch.float64)]), group)
+    sums, n_total = counted[:k].float(), counted[k]
+    if iterations == 0:  # swav: Q = N exp(x) / total mass, the mass from the column sums
+        log_mass = shift + torch.log(sums.sum())
+        return sinkhorn_pass(scores, col + (log_mass - torch.log(n_total)).float(), inv_epsilon, False, True)[0]
+    if bool(sums.min() >= n_total * SMALLEST_EXACT_SUM_PER_ROW):
+        col = shift + torch.log(sums)
+    else:
+        col = _column_logsumexp(scores, inv_epsilon, not swav, group)
+    log_k_over_n = float(math.log(k) - torch.log(n_total))  # SwAV's columns to 1/K, rows to 1/N
+    if swav:
+        col = col + math.log(k)
     for _ in range(iterations - 1):
-        rows, col_lse = sinkhorn_pass(scores, rows, cols, inv_epsilon, True, log_n, False, 0.0)
-        cols = cols + logsumexp_over_ranks(col_lse, group) + col_offset
-    return sinkhorn_pass(scores, rows, cols, inv_epsilon, True, log_n, True, log_n)[1]
+        sums = sum_over_ranks(sinkhorn_pass(scores, col, inv_epsilon, True, False)[0], group)
+        col = col + torch.log(sums) + (log_k_over_n if swav else 0.0)
+    return sinkhorn_pass(scores, col, inv_epsilon, True, True)[0]
+
+
+def _column_logsumexp(scores: torch.Tensor, inv_epsilon: float, normalize_rows: bool, group) -> torch.Tensor:
+    """log sum_i p[i, j] over all ranks, p the softmax of the rows of x (or exp(x)), in float32
+    row chunks: the log-domain pass 0 for scores whose column sums underflow."""
+    total = torch.full((scores.shape[1],), float("-inf"), dtype=torch.float32, device=scores.device)
+    for chunk in scores.split(max(1, FALLBACK_CHUNK_ELEMENTS // scores.shape[1])):
+        x = chunk.float() * inv_epsilon
+        if normalize_rows:
+            x = x - torch.logsumexp(x, dim=1, keepdim=True)
+        total = torch.logaddexp(total, torch.logsumexp(x, dim=0))
+    return logsumexp_over_ranks(total, group)

@@ -1,0 +1,111 @@
+"""Triton kernel of one streaming Sinkhorn pass, defined as the operator
+loca_kernels::sinkhorn_pass_triton (same meaning as loca_kernels::sinkhorn_pass, csrc/ops.cpp).
+
+A fixed number of programs each take a contiguous range of row blocks. Per row block, a
+first sweep over K computes each row's max (and, for normalised rows, its log-sum-exp online);
+a second sweep re-reads the tile (just read: from cache, not DRAM, for the K of LOCA) and
+writes the probabilities or adds them into the program's column partial sums. Partials are
+per program, not per row block: their size does not grow with N. The host adds them in a
+fixed order.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .._backends import TRITON_INTERPRET
+
+TILE_ELEMENTS = 8192        # BLOCK_N * BLOCK_K: one tile of float32 in registers
+PROGRAMS_PER_SM = 4
+
+
+@triton.jit(do_not_specialize=["n", "k", "stride_n", "blocks_per_program"])
+def _sinkhorn_pass_kernel(scores, col_scale, out, partial, partial_shift, n, k, stride_n, inv_epsilon,
+                          blocks_per_program, NORMALIZE: tl.constexpr, WRITE: tl.constexpr,
+                          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    pid = tl.program_id(0)
+    row_lane = tl.arange(0, BLOCK_N)
+    col_lane = tl.arange(0, BLOCK_K)
+    # Unnormalised column sums are of exp(x - shift), shift the largest x seen so far.
+    shift = tl.max(tl.full([BLOCK_N], float("-inf"), tl.float32), 0)
+    for block in range(pid * blocks_per_program, (pid + 1) * blocks_per_program):
+        rows = block * BLOCK_N + row_lane
+        row_ok = rows < n
+        peak = tl.full([BLOCK_N], float("-inf"), tl.float32)
+        total = tl.zeros([BLOCK_N], tl.float32)
+        for k0 in range(0, k, BLOCK_K):
+            cols = k0 + col_lane
+            ok = row_ok[:, None] & (cols < k)[None, :]
+            s = tl.load(scores + rows[:, None] * stride_n + cols[None, :], mask=ok, other=0.0)
+            x = s.to(tl.float32) * inv_epsilon - tl.load(col_scale + cols, mask=cols < k, other=0.0)[None, :]
+            x = tl.where(ok, x, float("-inf"))
+            grown = tl.maximum(peak, tl.max(x, 1))
+            if NORMALIZE:
+                safe = tl.where(grown == float("-inf"), 0.0, grown)   # rows past N
+                total = total * tl.exp(peak - safe) + tl.sum(tl.exp(x - safe[:, None]), 1)
+            peak = grown
+        if NORMALIZE:
+            subtract = tl.where(row_ok, peak + tl.log(tl.where(row_ok, total, 1.0)), 0.0)  # the row's log-sum-exp
+            rescale = 1.0
+        elif WRITE:
+            subtract = tl.zeros([BLOCK_N], tl.float32)
+            rescale = 1.0
+        else:
+            grown = tl.maximum(shift, tl.max(peak, 0))
+            rescale = tl.where(shift == grown, 1.0, tl.exp(shift - grown))
+            shift = grown
+            subtract = tl.zeros([BLOCK_N], tl.float32) + grown
+        for k0 in range(0, k, BLOCK_K):
+            cols = k0 + col_lane
+            ok = row_ok[:, None] & (cols < k)[None, :]
+            s = tl.load(scores + rows[:, None] * stride_n + cols[None, :], mask=ok, other=0.0)
+            x = s.to(tl.float32) * inv_epsilon - tl.load(col_scale + cols, mask=cols < k, other=0.0)[None, :]
+            p = tl.exp(tl.where(ok, x, float("-inf")) - subtract[:, None])
+            if WRITE:
+                tl.store(out + rows[:, None] * k + cols[None, :], p, mask=ok)
+            else:
+                sums = partial + pid * k + cols
+                tl.store(sums, tl.load(sums, mask=cols < k, other=0.0) * rescale + tl.sum(p, 0), mask=cols < k)
+    if not WRITE:
+        if NORMALIZE:
+            shift = 0.0
+        tl.store(partial_shift + pid, shift)
+
+
+def _launch_shape(n: int, k: int, device: torch.device) -> tuple[int, int, int, int]:
+    """(BLOCK_N, BLOCK_K, programs, row blocks per program)."""
+    block_k = min(triton.next_power_of_2(k), TILE_ELEMENTS)
+    block_n = max(1, min(triton.next_power_of_2(n), TILE_ELEMENTS // block_k, 64))
+    row_blocks = triton.cdiv(n, block_n)
+    if TRITON_INTERPRET or device.type != "cuda":
+        most = 4
+    else:
+        most = PROGRAMS_PER_SM * torch.cuda.get_device_properties(device).multi_processor_count
+    per_program = triton.cdiv(row_blocks, min(row_blocks, most))
+    return block_n, block_k, triton.cdiv(row_blocks, per_program), per_program
+
+
+@torch.library.custom_op("loca_kernels::sinkhorn_pass_triton", mutates_args=())
+def sinkhorn_pass_triton(scores: torch.Tensor, col_scale: torch.Tensor, inv_epsilon: float, normalize_rows: bool,
+                         write: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Triton twin of loca_kernels::sinkhorn_pass: scores (N, K) contiguous along K."""
+    n, k = scores.shape
+    block_n, block_k, programs, per_program = _launch_shape(n, k, scores.device)
+    cols = col_scale.contiguous()
+    out = torch.empty(n, k, dtype=torch.float32, device=scores.device) if write else cols
+    partial = cols if write else torch.zeros(programs, k, dtype=torch.float32, device=scores.device)
+    partial_shift = torch.empty(programs, dtype=torch.float32, device=scores.device)
+    _sinkhorn_pass_kernel[(programs,)](scores, cols, out, partial, partial_shift, n, k, scores.stride(0),
+                                       inv_epsilon, per_program, NORMALIZE=normalize_rows, WRITE=write,
+                                       BLOCK_N=block_n, BLOCK_K=block_k)
+    if write:
+        return out, torch.zeros((), dtype=torch.float32, device=scores.device)
+    shift = partial_shift.max()
+    return (partial * torch.exp(partial_shift - shift)[:, None]).sum(0), shift
+
+
+@sinkhorn_pass_triton.register_fake
+def _(scores, col_scale, inv_epsilon, normalize_rows, write):
+    result = scores.new_empty(scores.shape if write else scores.shape[1:], dtype=torch.float32)
+    return result, scores.new_empty((), dtype=torch.float32)
