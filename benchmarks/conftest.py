@@ -53,15 +53,32 @@ def run_benchmark(benchmark, fn, *, bytes_moved: float = 0.0, flops: float = 0.0
 
 
 def measure_peak_memory(fn) -> int:
-    """Peak device memory in bytes allocated while running `fn` once (GPU only, else 0)."""
-    if not ON_GPU:
+    """Peak memory in bytes that running `fn` once adds: allocated device memory on a GPU;
+    on a Linux CPU, the growth of the process's peak resident set (VmHWM, reset first through
+    /proc/self/clear_refs), page-granular. 0 where neither can be measured."""
+    if ON_GPU:
+        synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        fn()
+        synchronize()
+        return torch.cuda.max_memory_allocated() - base
+    try:
+        with open("/proc/self/clear_refs", "w") as clear:
+            clear.write("5")                      # 5: reset the peak resident set to the current one
+        base = _status_kib("VmRSS")
+        fn()
+        return (_status_kib("VmHWM") - base) * 1024
+    except OSError:
         return 0
-    synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    fn()
-    synchronize()
-    return torch.cuda.max_memory_allocated() - base
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise OSError(f"no {field} in /proc/self/status")
 
 
 def pytest_benchmark_update_machine_info(config, machine_info):

@@ -27,14 +27,17 @@ def table(benchmarks) -> list[str]:
     rows = sorted(benchmarks, key=lambda b: b["stats"]["median"])
     ours = [b for b in rows if b["extra_info"].get("impl") in OURS]
     best_ours = ours[0]["stats"]["median"] if ours else None
-    lines = ["| implementation | median (ms) | time / best of ours | GB/s | bandwidth-floor fraction |",
-             "|---|---|---|---|---|"]
+    memory = any(b["extra_info"].get("peak_memory_bytes") for b in rows)
+    lines = ["| implementation | median (ms) | time / best of ours | GB/s | bandwidth-floor fraction |"
+             + (" peak memory (MB) |" if memory else ""),
+             "|---|---|---|---|---|" + ("---|" if memory else "")]
     for b in rows:
         info, median = b["extra_info"], b["stats"]["median"]
         ratio = f"{median / best_ours:.2f}" if best_ours else "-"
         gbs = f"{info['GB_per_s']:.2f}" if "GB_per_s" in info else "-"
         floor = f"{info['bandwidth_floor_fraction']:.1%}" if "bandwidth_floor_fraction" in info else "-"
-        lines.append(f"| {info.get('impl', b['name'])} | {median * 1e3:.3f} | {ratio} | {gbs} | {floor} |")
+        peak = f" {info.get('peak_memory_bytes', 0) / 2**20:.0f} |" if memory else ""
+        lines.append(f"| {info.get('impl', b['name'])} | {median * 1e3:.3f} | {ratio} | {gbs} | {floor} |{peak}")
     return lines
 
 

@@ -22,6 +22,12 @@
 #include <type_traits>
 #include <vector>
 
+#ifdef __linux__
+#include <sys/mman.h>
+
+#include <cstdlib>
+#endif
+
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(__APPLE__)
 #define LOCA_VECTOR_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
 #else
@@ -163,6 +169,24 @@ void sinkhorn_pass_kernel(const at::Tensor& scores, const float* col_scale, floa
   *shift_out = shift;
 }
 
+// The result of a writing pass, an (N, K) float32 tensor written once: when large, backed by
+// transparent huge pages where the system allows them (its "madvise" mode, common), which
+// makes first-touch page faults 512x fewer (they took ~40 ms of 80 for N = 12544, K = 4096).
+at::Tensor empty_result(int64_t n, int64_t k, const at::TensorOptions& options) {
+#ifdef __linux__
+  constexpr size_t kHugePage = size_t{2} << 20;
+  const size_t bytes = static_cast<size_t>(n) * static_cast<size_t>(k) * sizeof(float);
+  if (bytes >= 16 * kHugePage) {
+    void* data = nullptr;
+    if (posix_memalign(&data, kHugePage, (bytes + kHugePage - 1) / kHugePage * kHugePage) == 0) {
+      madvise(data, bytes, MADV_HUGEPAGE);  // a hint: failure leaves ordinary pages
+      return at::from_blob(data, {n, k}, [](void* p) { std::free(p); }, options);
+    }
+  }
+#endif
+  return at::empty({n, k}, options);
+}
+
 std::tuple<at::Tensor, at::Tensor> sinkhorn_pass_cpu(const at::Tensor& scores, const at::Tensor& col_scale,
                                                      double inv_epsilon, bool normalize_rows, bool write) {
   TORCH_CHECK(scores.dim() == 2 && scores.stride(1) == 1, "sinkhorn_pass: scores must be (N, K), contiguous along K");
@@ -171,7 +195,7 @@ std::tuple<at::Tensor, at::Tensor> sinkhorn_pass_cpu(const at::Tensor& scores, c
               "sinkhorn_pass: col_scale must be float32 (K,)");
   const at::Tensor cols = col_scale.contiguous();
   const auto options = col_scale.options();
-  at::Tensor result = write ? at::empty({n, k}, options) : at::empty({k}, options);
+  at::Tensor result = write ? empty_result(n, k, options) : at::empty({k}, options);
   at::Tensor shift = at::empty({}, options);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, scores.scalar_type(), "sinkhorn_pass_cpu", [&] {
     sinkhorn_pass_kernel<scalar_t>(scores, cols.data_ptr<float>(), static_cast<float>(inv_epsilon), normalize_rows,
