@@ -1,5 +1,5 @@
 """Run each CUDA kernel once (attention forward and backward in every dtype and keep form;
-relative-position targets) on small shapes: the workload that run_gpu.sh puts under compute-sanitizer (memcheck, racecheck)."""
+relative-position targets; every Sinkhorn pass, K in and past shared memory) on small shapes: the workload that run_gpu.sh puts under compute-sanitizer (memcheck, racecheck)."""
 import torch
 
 import loca_kernels as lk
@@ -20,6 +20,11 @@ def main() -> None:
     ref = torch.tensor([[5.0, 5.0, 80.0, 60.0]], device=device)
     lk.relative_position_targets(boxes, ref, (6, 6), (14, 14), query_rot90=torch.tensor([[1, 2]], device=device),
                                  backend="cuda")
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        for n, k in ((37, 11), (9, 9000)):
+            scores = torch.randn(n, k, device=device).to(dtype)
+            for mode, iterations in (("loca", 0), ("swav", 0), ("loca", 2), ("swav", 2)):
+                lk.sinkhorn(scores, iterations=iterations, mode=mode, backend="cuda")
     torch.cuda.synchronize()
     print("sanitize_cuda: ran every CUDA kernel")
 

@@ -12,9 +12,10 @@ one pass (the softmax) and "swav" two (the total mass, then Q).
 Column sums are plain float32 sums, one exp per entry and one all-reduce of a K-vector per
 pass over ranks (plus, for "swav", the all-reduce of the max that keeps exp(x - max)
 finite). After pass 0 they cannot underflow: a column normalised to 1 keeps, after its rows
-are normalised, a sum >= 1 / (N K). In pass 0 a prototype far from every sample (|x| spread
-over ~87, never the case for cosine scores at epsilon = 0.05) has its sum flushed to
-zero; then, and only then, pass 0's column normaliser is recomputed in the log domain by a
+are normalised, a sum >= 1 / (N K). In pass 0 a prototype whose sum falls below N * 2^-100
+(x more than ~69 below the row maxima (loca) or the global max (swav) for every sample;
+cosine scores at epsilon = 0.05 span 40) could lose precision to terms flushed to zero:
+then, and only then, pass 0's column normaliser is recomputed in the log domain by a
 chunked PyTorch pass (one more read of `scores`, two all-reduces).
 """
 from __future__ import annotations

@@ -20,6 +20,14 @@ TILE_ELEMENTS = 8192        # BLOCK_N * BLOCK_K: one tile of float32 in register
 PROGRAMS_PER_SM = 4
 
 
+@triton.jit
+def _load_x(scores, col_scale, rows, cols, ok, k, stride_n, inv_epsilon):
+    """x = scores / epsilon - col_scale on a (rows, cols) tile, -inf outside the matrix."""
+    s = tl.load(scores + rows[:, None] * stride_n + cols[None, :], mask=ok, other=0.0)
+    x = s.to(tl.float32) * inv_epsilon - tl.load(col_scale + cols, mask=cols < k, other=0.0)[None, :]
+    return tl.where(ok, x, float("-inf"))
+
+
 @triton.jit(do_not_specialize=["n", "k", "stride_n", "blocks_per_program"])
 def _sinkhorn_pass_kernel(scores, col_scale, out, partial, partial_shift, n, k, stride_n, inv_epsilon,
                           blocks_per_program, NORMALIZE: tl.constexpr, WRITE: tl.constexpr,
@@ -37,9 +45,7 @@ def _sinkhorn_pass_kernel(scores, col_scale, out, partial, partial_shift, n, k, 
         for k0 in range(0, k, BLOCK_K):
             cols = k0 + col_lane
             ok = row_ok[:, None] & (cols < k)[None, :]
-            s = tl.load(scores + rows[:, None] * stride_n + cols[None, :], mask=ok, other=0.0)
-            x = s.to(tl.float32) * inv_epsilon - tl.load(col_scale + cols, mask=cols < k, other=0.0)[None, :]
-            x = tl.where(ok, x, float("-inf"))
+            x = _load_x(scores, col_scale, rows, cols, ok, k, stride_n, inv_epsilon)
             grown = tl.maximum(peak, tl.max(x, 1))
             if NORMALIZE:
                 safe = tl.where(grown == float("-inf"), 0.0, grown)   # rows past N
@@ -59,9 +65,7 @@ def _sinkhorn_pass_kernel(scores, col_scale, out, partial, partial_shift, n, k, 
         for k0 in range(0, k, BLOCK_K):
             cols = k0 + col_lane
             ok = row_ok[:, None] & (cols < k)[None, :]
-            s = tl.load(scores + rows[:, None] * stride_n + cols[None, :], mask=ok, other=0.0)
-            x = s.to(tl.float32) * inv_epsilon - tl.load(col_scale + cols, mask=cols < k, other=0.0)[None, :]
-            p = tl.exp(tl.where(ok, x, float("-inf")) - subtract[:, None])
+            p = tl.exp(_load_x(scores, col_scale, rows, cols, ok, k, stride_n, inv_epsilon) - subtract[:, None])
             if WRITE:
                 tl.store(out + rows[:, None] * k + cols[None, :], p, mask=ok)
             else:
