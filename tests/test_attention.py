@@ -5,6 +5,7 @@ import torch
 
 import loca_kernels as lk
 from helpers import assert_close
+from loca_kernels._backends import extension_has_kernel
 from loca_kernels.attention import _support as attention_support
 from loca_kernels.attention.keep import compact_keep
 
@@ -36,6 +37,8 @@ def keep_forms(bk, views, nk, g):
     per_row = torch.rand(bq, nk, generator=g) < 0.4
     per_row[0] = False                                   # a row with no visible key
     shared = torch.rand(bk, nk, generator=g) < 0.5
+    if bk > 1:
+        shared[-1] = False                               # every view of a reference sees nothing
     return {
         "none": None,
         "bool_per_row": per_row,
@@ -44,6 +47,7 @@ def keep_forms(bk, views, nk, g):
         "index_shared": lk.random_keep(bk, nk, max(1, nk // 2), generator=g),
         "run_shared_by_all": lk.consecutive_keep(1, nk, max(1, nk // 5), generator=g, as_run=True),
         "run_as_index": lk.consecutive_keep(bk, nk, max(1, nk // 5), generator=g),
+        "run_per_row": lk.consecutive_keep(bq, nk, max(1, nk // 4), generator=g, as_run=True),
     }
 
 
@@ -194,19 +198,33 @@ def _grads(backend, q, kv, keep, grad_out):
 @pytest.mark.parametrize("backend,device", FUSED)
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 def test_fused_backend_matches_reference(backend, device, shape):
+    check_against_reference(backend, device, shape)
+
+
+# The C++ kernel takes any D <= 256: vector tails (D = 40, 8) and the largest D.
+@pytest.mark.parametrize("shape", [(1, 3, 5, 9, 2, 256), (2, 2, 17, 33, 1, 40), (1, 4, 65, 3, 1, 8)],
+                         ids=lambda s: "x".join(map(str, s)))
+def test_cpu_backend_matches_reference_for_any_head_dim(shape):
+    if not extension_has_kernel("attention_forward", "CPU"):
+        pytest.skip("extension built without the CPU attention kernels")
+    check_against_reference("cpu", "cpu", shape)
+
+
+def check_against_reference(backend, device, shape):
+    """Output and every gradient in every dtype and keep form against the float64 reference."""
     bk, views, nq, nk, h, d = shape
     g = torch.Generator().manual_seed(sum(shape))
     q64 = torch.randn(views * bk, nq, h, d, generator=g, dtype=torch.float64)
     kv64 = torch.randn(bk, nk, 2, h, d, generator=g, dtype=torch.float64)
     grad_out = torch.randn(views * bk, nq, h, d, generator=g, dtype=torch.float64)
     for dtype in _dtypes(backend, device):
-        # The oracle sees the same rounded inputs, in float64.
+        # The oracle sees the same rounded inputs (grad_out included), in float64.
         q, kv = q64.to(dtype), kv64.to(dtype)
         for form, keep in keep_forms(bk, views, nk, torch.Generator().manual_seed(7)).items():
             moved = lk.KeepRun(keep.start.to(device), keep.length) if isinstance(keep, lk.KeepRun) else \
                 None if keep is None else keep.to(device)
             got = _grads(backend, q.to(device), kv.to(device), moved, grad_out.to(device))
-            expected = _grads("torch", q.double(), kv.double(), keep, grad_out)
+            expected = _grads("torch", q.double(), kv.double(), keep, grad_out.to(dtype).double())
             for name, a, e in zip(("out", "grad_q", "grad_k", "grad_v"), got, expected):
                 assert a.dtype == dtype
                 assert_close(a, e, dtype, name=f"{backend} {dtype} keep={form} {name}")
@@ -222,6 +240,21 @@ def test_fused_backend_is_deterministic_and_zero_on_empty_rows(backend, device):
         assert torch.equal(a, b)
     out, grad_q = runs[0][:2]
     assert (out[1] == 0).all() and (grad_q[1] == 0).all() and all(torch.isfinite(t).all() for t in runs[0])
+
+
+def test_cpu_backend_does_not_depend_on_the_thread_count():
+    if not extension_has_kernel("attention_forward", "CPU"):
+        pytest.skip("extension built without the CPU attention kernels")
+    q, k, v = make(2, 5, 13, 29, 3, 24, dtype=torch.float32)
+    keep = lk.random_keep(2, 29, 9, generator=torch.Generator().manual_seed(1))
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = _grads("cpu", q, torch.stack([k, v], dim=2), keep, torch.ones_like(q))
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(one, _grads("cpu", q, torch.stack([k, v], dim=2), keep, torch.ones_like(q))):
+        assert torch.equal(a, b)
 
 
 @pytest.mark.parametrize("backend,device", FUSED)

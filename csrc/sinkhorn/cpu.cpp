@@ -8,8 +8,8 @@
 // number of threads.
 //
 // The loops over a row are plain C++ with 16 independent lanes for sums and maxima (float
-// reductions are otherwise not vectorised without -ffast-math), compiled twice: for AVX2 and
-// for the baseline ISA, picked at load time (GCC/Clang target_clones).
+// reductions are otherwise not vectorised without -ffast-math), compiled for AVX-512, AVX2 and
+// the baseline ISA, picked at load time (GCC/Clang target_clones).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -21,6 +21,8 @@
 #include <limits>
 #include <type_traits>
 #include <vector>
+
+#include "loca_kernels/cpu_math.h"
 
 #ifdef __linux__
 #include <sys/mman.h>
@@ -36,33 +38,12 @@
 
 namespace {
 
+using loca_kernels::fast_exp;
+using loca_kernels::max_of;
+
 constexpr int64_t kChunkRows = 128;
 constexpr int64_t kLanes = 16;
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
-
-inline float max_of(float a, float b) { return a > b ? a : b; }  // a select, unlike std::max
-
-// exp(x) as branch-free arithmetic that vectorises (std::exp is a library call): x = n ln2 + r,
-// |r| <= ln2 / 2, exp(r) by its degree-6 Taylor polynomial (relative error below 2e-7), times
-// 2^n built in the exponent bits. exp(x) < 2^-125 (below float32's normal range, and -inf)
-// gives 0; x must be <= 88.
-inline float fast_exp(float x) {
-  const float clamped = max_of(x, -87.0f);
-  constexpr float kRound = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
-  const float n = (clamped * 1.44269504f + kRound) - kRound;
-  const float r = (clamped - n * 0.693145752f) - n * 1.42860677e-6f;
-  float p = 1.0f / 720;
-  p = p * r + 1.0f / 120;
-  p = p * r + 1.0f / 24;
-  p = p * r + 1.0f / 6;
-  p = p * r + 0.5f;
-  p = p * r + 1.0f;
-  p = p * r + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof scale);
-  return x < -87.0f ? 0.0f : p * scale;
-}
 
 // x[j] = s[j] * inv_epsilon - col_scale[j]; returns max_j x[j].
 LOCA_VECTOR_CLONES float shift_row(const float* s, const float* col_scale, float inv_epsilon, int64_t k, float* x) {
