@@ -2,6 +2,8 @@
 and all-reduce counts, stability, errors and the 2-process distributed case."""
 import os
 import socket
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -10,7 +12,7 @@ import torch.multiprocessing as mp
 
 import loca_kernels as lk
 from helpers import assert_close
-from loca_kernels._backends import extension_has_kernel, triton_can_run
+from loca_kernels._backends import TRITON_AVAILABLE, extension_has_kernel, triton_can_run
 from loca_kernels.sinkhorn import _pass_operator, fused
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -53,10 +55,10 @@ def random_scores(n, k, scale=0.1, dtype=torch.float32, device="cpu", seed=None)
     return (torch.randn(n, k, generator=gen) * scale).to(device, dtype)
 
 
-# Every iteration count on the small shapes; the large ones (LOCA's K, and N past every block
-# size) at 0, 1 and 5.
+# Every iteration count on the small shapes; the large ones (LOCA's K, N past every block
+# size, and K past one Triton tile and the CUDA kernel's shared memory) at 0, 1 and 5.
 SHAPES_AND_ITERATIONS = [(n, k, t) for n, k in [(1, 1), (7, 3), (1, 4096)] for t in range(6)] + \
-    [(n, k, t) for n, k in [(196, 4096), (12544 + 3, 3)] for t in (0, 1, 5)]
+    [(n, k, t) for n, k in [(196, 4096), (12544 + 3, 3), (5, 9000)] for t in (0, 1, 5)]
 
 
 @pytest.mark.parametrize("mode", ["loca", "swav"])
@@ -243,3 +245,32 @@ def test_cpu_result_does_not_depend_on_the_thread_count():
     finally:
         torch.set_num_threads(threads)
     assert torch.equal(one, lk.sinkhorn(scores, backend="cpu"))
+
+
+COMPILE_FOR_SM90 = """
+import itertools, triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from loca_kernels.sinkhorn.triton import _sinkhorn_pass_kernel as kernel
+for normalize, write, one_tile, dtype in itertools.product((True, False), (True, False), (True, False),
+                                                           ("fp32", "fp16", "bf16")):
+    types = dict(scores="*" + dtype, col_scale="*fp32", out="*fp32", partial="*fp32", partial_shift="*fp32",
+                 n="i32", k="i32", stride_n="i32", inv_epsilon="fp32", blocks_per_program="i32")
+    constexprs = dict(NORMALIZE=normalize, WRITE=write, BLOCK_N=2 if one_tile else 1, BLOCK_K=4096,
+                      ONE_TILE=one_tile)
+    signature = {param.name: types.get(param.name, "constexpr") for param in kernel.params}
+    compiled = triton.compile(ASTSource(kernel, signature, constexprs=constexprs),
+                              target=GPUTarget("cuda", 90, 32), options={"enable_fp_fusion": True})
+    assert ".entry" in compiled.asm["ptx"]
+print("compiled")
+"""
+
+
+@pytest.mark.skipif(not TRITON_AVAILABLE, reason="triton is not installed")
+def test_triton_pass_compiles_for_a_gpu():
+    # The interpreter runs Python, not Triton's compiler: every variant the host can launch is
+    # also compiled for sm_90 (no GPU needed), in a process without TRITON_INTERPRET.
+    env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", COMPILE_FOR_SM90], env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0 and "compiled" in done.stdout, done.stderr[-3000:]

@@ -1,12 +1,13 @@
 """Triton kernel of one streaming Sinkhorn pass, defined as the operator
 loca_kernels::sinkhorn_pass_triton (same meaning as loca_kernels::sinkhorn_pass, csrc/ops.cpp).
 
-A fixed number of programs each take a contiguous range of row blocks. Per row block, a
-first sweep over K computes each row's max (and, for normalised rows, its log-sum-exp online);
-a second sweep re-reads the tile (just read: from cache, not DRAM, for the K of LOCA) and
-writes the probabilities or adds them into the program's column partial sums. Partials are
-per program, not per row block: their size does not grow with N. The host adds them in a
-fixed order.
+A fixed number of programs each take a contiguous range of row blocks. When a row block fits
+one tile (K <= 8192, LOCA's 4096 included) it is read once and the program's column sums stay
+in registers. Otherwise a first sweep over K computes each row's max (and, for normalised
+rows, its log-sum-exp online) and a second sweep re-reads the row block (just read: from
+cache) to write the probabilities or add them into the program's column sums in memory.
+Sums are per program, not per row block: their size does not grow with N. The host adds
+them in a fixed order.
 """
 from __future__ import annotations
 
@@ -31,26 +32,34 @@ def _load_x(scores, col_scale, rows, cols, ok, k, stride_n, inv_epsilon):
 @triton.jit(do_not_specialize=["n", "k", "stride_n", "blocks_per_program"])
 def _sinkhorn_pass_kernel(scores, col_scale, out, partial, partial_shift, n, k, stride_n, inv_epsilon,
                           blocks_per_program, NORMALIZE: tl.constexpr, WRITE: tl.constexpr,
-                          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ONE_TILE: tl.constexpr):
     pid = tl.program_id(0)
     row_lane = tl.arange(0, BLOCK_N)
     col_lane = tl.arange(0, BLOCK_K)
     # Unnormalised column sums are of exp(x - shift), shift the largest x seen so far.
     shift = tl.max(tl.full([BLOCK_N], float("-inf"), tl.float32), 0)
+    column_sums = tl.zeros([BLOCK_K], tl.float32)  # ONE_TILE: the program's sums stay in registers
     for block in range(pid * blocks_per_program, (pid + 1) * blocks_per_program):
         rows = block * BLOCK_N + row_lane
         row_ok = rows < n
-        peak = tl.full([BLOCK_N], float("-inf"), tl.float32)
-        total = tl.zeros([BLOCK_N], tl.float32)
-        for k0 in range(0, k, BLOCK_K):
-            cols = k0 + col_lane
-            ok = row_ok[:, None] & (cols < k)[None, :]
-            x = _load_x(scores, col_scale, rows, cols, ok, k, stride_n, inv_epsilon)
-            grown = tl.maximum(peak, tl.max(x, 1))
-            if NORMALIZE:
-                safe = tl.where(grown == float("-inf"), 0.0, grown)   # rows past N
-                total = total * tl.exp(peak - safe) + tl.sum(tl.exp(x - safe[:, None]), 1)
-            peak = grown
+        if ONE_TILE:  # the rows fit one tile: read once, kept for both sweeps
+            x = _load_x(scores, col_scale, rows, col_lane, row_ok[:, None] & (col_lane < k)[None, :], k,
+                        stride_n, inv_epsilon)
+            peak = tl.max(x, 1)
+            safe = tl.where(peak == float("-inf"), 0.0, peak)        # rows past N
+            total = tl.sum(tl.exp(x - safe[:, None]), 1)
+        else:
+            peak = tl.full([BLOCK_N], float("-inf"), tl.float32)
+            total = tl.zeros([BLOCK_N], tl.float32)
+            for k0 in range(0, k, BLOCK_K):
+                cols = k0 + col_lane
+                ok = row_ok[:, None] & (cols < k)[None, :]
+                x = _load_x(scores, col_scale, rows, cols, ok, k, stride_n, inv_epsilon)
+                grown = tl.maximum(peak, tl.max(x, 1))
+                if NORMALIZE:
+                    safe = tl.where(grown == float("-inf"), 0.0, grown)
+                    total = total * tl.exp(peak - safe) + tl.sum(tl.exp(x - safe[:, None]), 1)
+                peak = grown
         if NORMALIZE:
             subtract = tl.where(row_ok, peak + tl.log(tl.where(row_ok, total, 1.0)), 0.0)  # the row's log-sum-exp
             rescale = 1.0
@@ -62,16 +71,26 @@ def _sinkhorn_pass_kernel(scores, col_scale, out, partial, partial_shift, n, k, 
             rescale = tl.where(shift == grown, 1.0, tl.exp(shift - grown))
             shift = grown
             subtract = tl.zeros([BLOCK_N], tl.float32) + grown
-        for k0 in range(0, k, BLOCK_K):
-            cols = k0 + col_lane
-            ok = row_ok[:, None] & (cols < k)[None, :]
-            p = tl.exp(_load_x(scores, col_scale, rows, cols, ok, k, stride_n, inv_epsilon) - subtract[:, None])
+        if ONE_TILE:
+            p = tl.exp(x - subtract[:, None])
             if WRITE:
-                tl.store(out + rows[:, None] * k + cols[None, :], p, mask=ok)
+                tl.store(out + rows[:, None] * k + col_lane[None, :], p,
+                         mask=row_ok[:, None] & (col_lane < k)[None, :])
             else:
-                sums = partial + pid * k + cols
-                tl.store(sums, tl.load(sums, mask=cols < k, other=0.0) * rescale + tl.sum(p, 0), mask=cols < k)
+                column_sums = column_sums * rescale + tl.sum(p, 0)
+        else:  # second sweep: the row block was just read, from cache
+            for k0 in range(0, k, BLOCK_K):
+                cols = k0 + col_lane
+                ok = row_ok[:, None] & (cols < k)[None, :]
+                p = tl.exp(_load_x(scores, col_scale, rows, cols, ok, k, stride_n, inv_epsilon) - subtract[:, None])
+                if WRITE:
+                    tl.store(out + rows[:, None] * k + cols[None, :], p, mask=ok)
+                else:
+                    sums = partial + pid * k + cols
+                    tl.store(sums, tl.load(sums, mask=cols < k, other=0.0) * rescale + tl.sum(p, 0), mask=cols < k)
     if not WRITE:
+        if ONE_TILE:
+            tl.store(partial + pid * k + col_lane, column_sums, mask=col_lane < k)
         if NORMALIZE:
             shift = 0.0
         tl.store(partial_shift + pid, shift)
@@ -102,7 +121,7 @@ def sinkhorn_pass_triton(scores: torch.Tensor, col_scale: torch.Tensor, inv_epsi
     partial_shift = torch.empty(programs, dtype=torch.float32, device=scores.device)
     _sinkhorn_pass_kernel[(programs,)](scores, cols, out, partial, partial_shift, n, k, scores.stride(0),
                                        inv_epsilon, per_program, NORMALIZE=normalize_rows, WRITE=write,
-                                       BLOCK_N=block_n, BLOCK_K=block_k)
+                                       BLOCK_N=block_n, BLOCK_K=block_k, ONE_TILE=block_k >= k)
     if write:
         return out, torch.zeros((), dtype=torch.float32, device=scores.device)
     shift = partial_shift.max()
