@@ -5,6 +5,10 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include <string>
+
+#include "loca_kernels/cpu_math.h"
+
 // Importing loca_kernels._C registers the operators; the module itself is empty.
 extern "C" PyObject* PyInit__C(void) {
   static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
@@ -12,6 +16,9 @@ extern "C" PyObject* PyInit__C(void) {
 }
 
 TORCH_LIBRARY(loca_kernels, m) {
+  // The instruction set the C++ CPU kernels run with: "avx512", "avx2" or "baseline".
+  m.def("cpu_isa() -> str", [] { return std::string(loca_kernels::cpu_isa_name(loca_kernels::cpu_isa())); });
+
   // Masked query-to-reference cross-attention (SPEC.md section 1), on compact keep lists:
   // query row i uses keep row i % R (R = keep_index.size(0), one of 1, Bk, Bq).
   // keep_is_run: keep_index[r, 0] is the first visible position of a consecutive run of

@@ -64,6 +64,8 @@ def backends() -> dict:
         "extension_error": EXTENSION_ERROR,
         "cpu_kernels": extension_has_kernel("attention_forward", "CPU"),
         "cuda_kernels": extension_has_kernel("attention_forward", "CUDA"),
+        # the instruction set of the C++ CPU kernels (LOCA_KERNELS_CPU_ISA=baseline|avx2 narrows it)
+        "cpu_isa": torch.ops.loca_kernels.cpu_isa() if EXTENSION_ERROR is None else None,
         "cuda_device": torch.cuda.is_available(),
         "triton": TRITON_AVAILABLE,
         "triton_interpreter": TRITON_INTERPRET,

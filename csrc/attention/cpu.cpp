@@ -387,11 +387,9 @@ void backward_tasks(const Problem<scalar_t>& p, int64_t begin, int64_t end) {
   }
 }
 
-// Run-time choice of the instruction set: each entry point below is its loop nest compiled
-// (flattened, so every helper is inlined into it) for one target.
-enum class Target { kBaseline, kAvx2, kAvx512 };
-
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+// Run-time choice of the instruction set (loca_kernels::cpu_isa()): each entry point below is
+// its loop nest compiled (flattened, so every helper is inlined into it) for one target.
+#ifdef LOCA_KERNELS_X86_VARIANTS
 // The build turns off fp contraction (-ffp-contract=off); here a * b + c should be one FMA.
 // (clang: the pragma in tile().)
 #ifdef __clang__
@@ -399,14 +397,6 @@ enum class Target { kBaseline, kAvx2, kAvx512 };
 #else
 #define LOCA_CONTRACT optimize("fp-contract=fast"),
 #endif
-
-Target cpu_target() {
-  static const Target target = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl")
-                                   ? Target::kAvx512
-                               : __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") ? Target::kAvx2
-                                                                                                  : Target::kBaseline;
-  return target;
-}
 
 template <typename scalar_t>
 __attribute__((target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma"), LOCA_CONTRACT flatten)) void forward_avx512(
@@ -428,9 +418,6 @@ __attribute__((target("avx2,fma"), LOCA_CONTRACT flatten)) void backward_avx2(co
                                                                 int64_t end) {
   backward_tasks<Avx2>(p, begin, end);
 }
-#define LOCA_ATTENTION_X86_TARGETS 1
-#else
-Target cpu_target() { return Target::kBaseline; }
 #endif
 
 template <typename scalar_t>
@@ -444,11 +431,11 @@ __attribute__((flatten)) void backward_baseline(const Problem<scalar_t>& p, int6
 
 template <typename scalar_t>
 void forward(const Problem<scalar_t>& p, int64_t begin, int64_t end) {
-#ifdef LOCA_ATTENTION_X86_TARGETS
-  switch (cpu_target()) {
-    case Target::kAvx512: return forward_avx512(p, begin, end);
-    case Target::kAvx2: return forward_avx2(p, begin, end);
-    case Target::kBaseline: break;
+#ifdef LOCA_KERNELS_X86_VARIANTS
+  switch (loca_kernels::cpu_isa()) {
+    case loca_kernels::CpuIsa::kAvx512: return forward_avx512(p, begin, end);
+    case loca_kernels::CpuIsa::kAvx2: return forward_avx2(p, begin, end);
+    case loca_kernels::CpuIsa::kBaseline: break;
   }
 #endif
   forward_baseline(p, begin, end);
@@ -456,11 +443,11 @@ void forward(const Problem<scalar_t>& p, int64_t begin, int64_t end) {
 
 template <typename scalar_t>
 void backward(const Problem<scalar_t>& p, int64_t begin, int64_t end) {
-#ifdef LOCA_ATTENTION_X86_TARGETS
-  switch (cpu_target()) {
-    case Target::kAvx512: return backward_avx512(p, begin, end);
-    case Target::kAvx2: return backward_avx2(p, begin, end);
-    case Target::kBaseline: break;
+#ifdef LOCA_KERNELS_X86_VARIANTS
+  switch (loca_kernels::cpu_isa()) {
+    case loca_kernels::CpuIsa::kAvx512: return backward_avx512(p, begin, end);
+    case loca_kernels::CpuIsa::kAvx2: return backward_avx2(p, begin, end);
+    case loca_kernels::CpuIsa::kBaseline: break;
   }
 #endif
   backward_baseline(p, begin, end);

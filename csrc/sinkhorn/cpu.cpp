@@ -9,7 +9,7 @@
 //
 // The loops over a row are plain C++ with 16 independent lanes for sums and maxima (float
 // reductions are otherwise not vectorised without -ffast-math), compiled for AVX-512, AVX2 and
-// the baseline ISA, picked at load time (GCC/Clang target_clones).
+// the baseline instruction set, run as loca_kernels::cpu_isa() says.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -30,12 +30,6 @@
 #include <cstdlib>
 #endif
 
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(__APPLE__)
-#define LOCA_VECTOR_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define LOCA_VECTOR_CLONES
-#endif
-
 namespace {
 
 using loca_kernels::fast_exp;
@@ -46,7 +40,7 @@ constexpr int64_t kLanes = 16;
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
 // x[j] = s[j] * inv_epsilon - col_scale[j]; returns max_j x[j].
-LOCA_VECTOR_CLONES float shift_row(const float* s, const float* col_scale, float inv_epsilon, int64_t k, float* x) {
+inline float shift_row(const float* s, const float* col_scale, float inv_epsilon, int64_t k, float* x) {
   float lane_max[kLanes];
   for (int64_t l = 0; l < kLanes; ++l) lane_max[l] = kNegInf;
   int64_t j = 0;
@@ -66,7 +60,7 @@ LOCA_VECTOR_CLONES float shift_row(const float* s, const float* col_scale, float
 }
 
 // x[j] = exp(x[j] - shift) in place; returns the sum.
-LOCA_VECTOR_CLONES float exp_in_place(float* x, float shift, int64_t k) {
+inline float exp_in_place(float* x, float shift, int64_t k) {
   float lane_sum[kLanes] = {};
   int64_t j = 0;
   for (; j + kLanes <= k; j += kLanes) {
@@ -82,60 +76,103 @@ LOCA_VECTOR_CLONES float exp_in_place(float* x, float shift, int64_t k) {
 }
 
 // x[j] *= a.
-LOCA_VECTOR_CLONES void scale(float* x, float a, int64_t k) {
+inline void scale(float* x, float a, int64_t k) {
   for (int64_t j = 0; j < k; ++j) x[j] *= a;
 }
 
 // y[j] = y[j] * a + x[j] * b.
-LOCA_VECTOR_CLONES void scale_add(float* y, float a, const float* x, float b, int64_t k) {
+inline void scale_add(float* y, float a, const float* x, float b, int64_t k) {
   for (int64_t j = 0; j < k; ++j) y[j] = y[j] * a + x[j] * b;
+}
+
+// One pass's inputs and outputs, for the chunks of rows of one thread.
+template <typename scalar_t>
+struct Pass {
+  const scalar_t* scores;
+  const float* col_scale;
+  float inv_epsilon;
+  bool normalize_rows, write;
+  int64_t n, k, row_stride;
+  float* result;       // write: (N, K)
+  float* partial;      // !write: (chunks, K) column sums of exp(x - row_scale - chunk_shift)
+  float* chunk_shift;  // !write: (chunks,) 0 for normalised rows, else the largest x so far
+};
+
+// The rows of one chunk; `converted` (K floats, half/bf16 scores only) and `buffer` (K floats,
+// !write) are the calling thread's.
+template <typename scalar_t>
+inline void process_chunk(const Pass<scalar_t>& p, int64_t chunk, float* converted, float* buffer) {
+  const int64_t k = p.k;
+  float* sums = p.write ? nullptr : p.partial + chunk * k;
+  float* shift = p.write ? nullptr : p.chunk_shift + chunk;
+  for (int64_t i = chunk * kChunkRows; i < std::min(p.n, (chunk + 1) * kChunkRows); ++i) {
+    const float* row = nullptr;
+    if constexpr (std::is_same_v<scalar_t, float>) {
+      row = p.scores + i * p.row_stride;
+    } else {
+      for (int64_t j = 0; j < k; ++j) converted[j] = static_cast<float>(p.scores[i * p.row_stride + j]);
+      row = converted;
+    }
+    float* x = p.write ? p.result + i * k : buffer;
+    const float peak = shift_row(row, p.col_scale, p.inv_epsilon, k, x);
+    if (!p.normalize_rows) {
+      if (p.write) {
+        exp_in_place(x, 0.0f, k);
+        continue;
+      }
+      // exp(x - shift) with shift >= every x of the chunk so far: no overflow.
+      const float grown = max_of(*shift, peak);
+      const float rescale = *shift == grown ? 1.0f : std::exp(*shift - grown);
+      *shift = grown;
+      exp_in_place(x, grown, k);
+      scale_add(sums, rescale, x, 1.0f, k);
+      continue;
+    }
+    const float weight = 1.0f / exp_in_place(x, peak, k);  // the sum is >= 1 (the max's term)
+    if (p.write) {
+      scale(x, weight, k);
+    } else {
+      scale_add(sums, 1.0f, x, weight, k);
+    }
+  }
+}
+
+// process_chunk compiled for each instruction set, run as loca_kernels::cpu_isa() says.
+#ifdef LOCA_KERNELS_X86_VARIANTS
+template <typename scalar_t>
+LOCA_TARGET_AVX512 void process_chunk_avx512(const Pass<scalar_t>& p, int64_t chunk, float* converted, float* buffer) {
+  process_chunk(p, chunk, converted, buffer);
+}
+template <typename scalar_t>
+LOCA_TARGET_AVX2 void process_chunk_avx2(const Pass<scalar_t>& p, int64_t chunk, float* converted, float* buffer) {
+  process_chunk(p, chunk, converted, buffer);
+}
+#endif
+template <typename scalar_t>
+__attribute__((flatten)) void process_chunk_baseline(const Pass<scalar_t>& p, int64_t chunk, float* converted,
+                                                     float* buffer) {
+  process_chunk(p, chunk, converted, buffer);
 }
 
 template <typename scalar_t>
 void sinkhorn_pass_kernel(const at::Tensor& scores, const float* col_scale, float inv_epsilon, bool normalize_rows,
                           bool write, float* result, float* shift_out) {
-  const int64_t n = scores.size(0), k = scores.size(1), row_stride = scores.stride(0);
-  const scalar_t* s = scores.data_ptr<scalar_t>();
+  const int64_t n = scores.size(0), k = scores.size(1);
   const int64_t chunks = (n + kChunkRows - 1) / kChunkRows;
-  // Per chunk: column sums of exp(x - row_scale - chunk_shift) and the chunk's shift (0 for
-  // normalised rows; the largest x seen so far otherwise, grown as rows come).
   std::vector<float> partial(write ? 0 : chunks * k, 0.0f), chunk_shift(chunks, normalize_rows ? 0.0f : kNegInf);
+  const Pass<scalar_t> pass{scores.data_ptr<scalar_t>(), col_scale, inv_epsilon, normalize_rows, write, n, k,
+                            scores.stride(0), result, partial.data(), chunk_shift.data()};
+  auto run = process_chunk_baseline<scalar_t>;
+#ifdef LOCA_KERNELS_X86_VARIANTS
+  switch (loca_kernels::cpu_isa()) {
+    case loca_kernels::CpuIsa::kAvx512: run = process_chunk_avx512<scalar_t>; break;
+    case loca_kernels::CpuIsa::kAvx2: run = process_chunk_avx2<scalar_t>; break;
+    case loca_kernels::CpuIsa::kBaseline: break;
+  }
+#endif
   at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> converted(std::is_same_v<scalar_t, float> ? 0 : k), buffer(write ? 0 : k);
-    for (int64_t chunk = begin; chunk < end; ++chunk) {
-      float* sums = write ? nullptr : &partial[chunk * k];
-      float& shift = chunk_shift[chunk];
-      for (int64_t i = chunk * kChunkRows; i < std::min(n, (chunk + 1) * kChunkRows); ++i) {
-        const float* row = nullptr;
-        if constexpr (std::is_same_v<scalar_t, float>) {
-          row = s + i * row_stride;
-        } else {
-          for (int64_t j = 0; j < k; ++j) converted[j] = static_cast<float>(s[i * row_stride + j]);
-          row = converted.data();
-        }
-        float* x = write ? result + i * k : buffer.data();
-        const float peak = shift_row(row, col_scale, inv_epsilon, k, x);
-        if (!normalize_rows) {
-          if (write) {
-            exp_in_place(x, 0.0f, k);
-            continue;
-          }
-          // exp(x - shift) with shift >= every x of the chunk so far: no overflow.
-          const float grown = max_of(shift, peak);
-          const float rescale = shift == grown ? 1.0f : std::exp(shift - grown);
-          shift = grown;
-          exp_in_place(x, grown, k);
-          scale_add(sums, rescale, x, 1.0f, k);
-          continue;
-        }
-        const float weight = 1.0f / exp_in_place(x, peak, k);  // the sum is >= 1 (the max's term)
-        if (write) {
-          scale(x, weight, k);
-        } else {
-          scale_add(sums, 1.0f, x, weight, k);
-        }
-      }
-    }
+    for (int64_t chunk = begin; chunk < end; ++chunk) run(pass, chunk, converted.data(), buffer.data());
   });
   if (write) {
     *shift_out = 0.0f;

@@ -1,12 +1,51 @@
-// Scalar math for the C++ CPU kernels, written so that loops over it vectorise (plain C++,
-// no torch): std::exp is a library call and std::max returns a reference (a branch), both of
-// which stop the compiler from vectorising a loop.
+// Shared by the C++ CPU kernels (plain C++, no torch): the instruction set their hot loops run
+// with, and scalar math written so that loops over it vectorise (std::exp is a library call
+// and std::max returns a reference, a branch: both stop the compiler from vectorising).
 #pragma once
 
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 
 namespace loca_kernels {
+
+// Each kernel compiles its hot loops once per instruction set (x86-64 only; elsewhere only
+// kBaseline exists) and runs the variant of cpu_isa().
+enum class CpuIsa { kBaseline = 0, kAvx2 = 1, kAvx512 = 2 };
+
+inline const char* cpu_isa_name(CpuIsa isa) {
+  return isa == CpuIsa::kAvx512 ? "avx512" : isa == CpuIsa::kAvx2 ? "avx2" : "baseline";
+}
+
+// The widest set this CPU has (AVX-512 F/VL/BW/DQ, AVX2 with FMA, or the baseline), narrowed
+// by the environment variable LOCA_KERNELS_CPU_ISA=baseline|avx2 (read once; tests use it to
+// run every variant on one machine). Never wider than the CPU.
+inline CpuIsa cpu_isa() {
+  static const CpuIsa isa = [] {
+    CpuIsa best = CpuIsa::kBaseline;
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+        __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq")) {
+      best = CpuIsa::kAvx512;
+    } else if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
+      best = CpuIsa::kAvx2;
+    }
+#endif
+    const char* asked = std::getenv("LOCA_KERNELS_CPU_ISA");
+    if (asked == nullptr) return best;
+    const CpuIsa wanted = std::strcmp(asked, "baseline") == 0 ? CpuIsa::kBaseline
+                          : std::strcmp(asked, "avx2") == 0   ? CpuIsa::kAvx2
+                                                              : CpuIsa::kAvx512;
+    return static_cast<int>(wanted) < static_cast<int>(best) ? wanted : best;
+  }();
+  return isa;
+}
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define LOCA_KERNELS_X86_VARIANTS 1
+#define LOCA_TARGET_AVX512 __attribute__((target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma"), flatten))
+#define LOCA_TARGET_AVX2 __attribute__((target("avx2,fma"), flatten))
+#endif
 
 // max as a select on values.
 inline float max_of(float a, float b) { return a > b ? a : b; }
