@@ -92,6 +92,16 @@ def test_reads_scores_in_place_with_a_row_stride(backend):
     assert_close(got, textbook(scores, 0.05, 2, "loca"), torch.float32)
 
 
+@pytest.mark.parametrize("backend", FUSED)
+def test_transposed_and_single_prototype_layouts(backend):
+    device = device_of(backend)
+    transposed = random_scores(30, 20, device=device).t()          # stride 1 along N: copied once
+    single = random_scores(1, 9, device=device).t()                # (9, 1) with stride 9 along K
+    for scores in (transposed, single):
+        got = lk.sinkhorn(scores, iterations=2, mode="swav", backend=backend)
+        assert_close(got, textbook(scores, 0.05, 2, "swav"), torch.float32)
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("mode", ["loca", "swav"])
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -15,7 +15,8 @@ namespace {
 
 std::tuple<at::Tensor, at::Tensor> sinkhorn_pass_cuda(const at::Tensor& scores, const at::Tensor& col_scale,
                                                       double inv_epsilon, bool normalize_rows, bool write) {
-  TORCH_CHECK_VALUE(scores.dim() == 2 && scores.stride(1) == 1,
+  // Along K the stride must be 1 (for K = 1 it is never used: torch calls such tensors contiguous).
+  TORCH_CHECK_VALUE(scores.dim() == 2 && (scores.stride(1) == 1 || scores.size(1) == 1),
                     "sinkhorn_pass (cuda): scores must be (N, K), contiguous along K, got sizes ", scores.sizes(),
                     " strides ", scores.strides());
   const int64_t n = scores.size(0), k = scores.size(1);

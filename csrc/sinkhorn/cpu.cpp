@@ -207,7 +207,9 @@ at::Tensor empty_result(int64_t n, int64_t k, const at::TensorOptions& options) 
 
 std::tuple<at::Tensor, at::Tensor> sinkhorn_pass_cpu(const at::Tensor& scores, const at::Tensor& col_scale,
                                                      double inv_epsilon, bool normalize_rows, bool write) {
-  TORCH_CHECK(scores.dim() == 2 && scores.stride(1) == 1, "sinkhorn_pass: scores must be (N, K), contiguous along K");
+  // Along K the stride must be 1 (for K = 1 it is never used: torch calls such tensors contiguous).
+  TORCH_CHECK(scores.dim() == 2 && (scores.stride(1) == 1 || scores.size(1) == 1),
+              "sinkhorn_pass: scores must be (N, K), contiguous along K");
   const int64_t n = scores.size(0), k = scores.size(1);
   TORCH_CHECK(col_scale.sizes() == at::IntArrayRef({k}) && col_scale.scalar_type() == at::kFloat,
               "sinkhorn_pass: col_scale must be float32 (K,)");

@@ -60,6 +60,10 @@ def sinkhorn(scores: torch.Tensor, *, epsilon: float = 0.05, iterations: int = 3
              group=None, backend: Optional[str] = None) -> torch.Tensor:
     """Sinkhorn-Knopp assignment of N samples to K prototypes (not differentiable).
 
+    Fused backends read `scores` in place when its rows are contiguous (any row stride), in
+    iterations + 1 passes (see fused.py); another layout, e.g. a transposed (K, N) tensor, is
+    copied once into that form.
+
     Args:
         scores: (N, K) logits, float32, float16 or bfloat16.
         epsilon: temperature (> 0): the scores are divided by it.

@@ -36,7 +36,8 @@ FALLBACK_CHUNK_ELEMENTS = 1 << 22
 def sinkhorn(sinkhorn_pass, scores: torch.Tensor, *, epsilon: float, iterations: int, mode: str,
              group=None) -> torch.Tensor:
     """On checked inputs; `sinkhorn_pass` is the fused pass operator of one backend."""
-    scores = scores if scores.stride(1) == 1 else scores.contiguous()
+    # Kernels read rows with any stride, but contiguous along K (K = 1: any stride).
+    scores = scores if scores.stride(1) == 1 or scores.shape[1] == 1 else scores.contiguous()
     n, k = scores.shape
     inv_epsilon = 1.0 / epsilon
     swav = mode == "swav"
