@@ -7,7 +7,7 @@ import loca_kernels as lk
 from conftest import DEVICE, ON_GPU, measure_peak_memory, run_benchmark
 
 K = 4096
-SIZES = (64 * 196, 256 * 196) if ON_GPU else (64 * 196,)
+SIZES = (64 * 196, 256 * 196)
 OURS = ("cuda", "triton") if ON_GPU else ("cpu",)
 ITERATIONS, EPSILON = 3, 0.05
 
