@@ -1,6 +1,7 @@
 """Write BENCHMARKS.md from the pytest-benchmark JSON files in benchmarks/results/.
 
-Every figure in BENCHMARKS.md comes from those files: one table per benchmark group with
+Every figure in BENCHMARKS.md comes from those files (and results/notes.md, measured
+observations written by hand, each saying how it was measured): one table per benchmark group with
 each implementation's median time, its ratio to ours, GB/s and the bandwidth-floor fraction
 where known. Usage: python benchmarks/report.py [results/*.json ...]
 """
@@ -48,6 +49,9 @@ def report(runs) -> str:
            "`pytest benchmarks/ --benchmark-only --benchmark-json=benchmarks/results/<name>.json`.",
            "Times are medians; \"time / best of ours\" divides by the fastest of our backends in the",
            "same group (below 1: faster than ours).", ""]
+    notes = HERE / "results" / "notes.md"
+    if notes.exists():  # measured observations that the JSON files cannot hold
+        out += [notes.read_text().strip(), ""]
     if not any(data["machine_info"].get("device") != "cpu" for _, data in runs):
         out += ["No GPU result has been committed yet: every figure here was measured on a CPU, and",
                 "the GPU goals of the kernels are unmeasured (run `benchmarks/run_gpu.sh` on a GPU).", ""]
