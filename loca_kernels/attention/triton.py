@@ -36,6 +36,23 @@ def _keep_positions(keep_index, keep_count, r, stride_keep, offs, IS_RUN: tl.con
 
 
 @triton.jit
+def _query_block(nq, heads, bk, keep_rows, BLOCK_M: tl.constexpr):
+    """This program's query row i, head h, reference row b, keep row r, and block of queries."""
+    row_head = tl.program_id(1)
+    i, h = row_head // heads, row_head % heads
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    return row_head, i, h, i % bk, i % keep_rows, offs_m, offs_m < nq
+
+
+@triton.jit
+def _key_value_tiles(k, v, b, h, pos, valid, offs_d, skb, skn, skh, svb, svn, svh):
+    """The K and V rows at positions pos of reference row b, head h (zeros where not valid)."""
+    kt = tl.load(k + b * skb + h * skh + pos[:, None] * skn + offs_d[None, :], mask=valid[:, None], other=0.0)
+    vt = tl.load(v + b * svb + h * svh + pos[:, None] * svn + offs_d[None, :], mask=valid[:, None], other=0.0)
+    return kt, vt
+
+
+@triton.jit
 def _dot(a, b, DOT_FP32: tl.constexpr):
     if DOT_FP32:
         return tl.dot(a.to(tl.float32), b.to(tl.float32))
@@ -48,12 +65,8 @@ def _forward_kernel(q, k, v, out, lse, keep_index, keep_count,
                     nq, heads, bk, keep_rows, scale,
                     D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                     IS_RUN: tl.constexpr, DOT_FP32: tl.constexpr):
-    row_head = tl.program_id(1)
-    i, h = row_head // heads, row_head % heads
-    b, r = i % bk, i % keep_rows
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_head, i, h, b, r, offs_m, row_ok = _query_block(nq, heads, bk, keep_rows, BLOCK_M)
     offs_d = tl.arange(0, D)
-    row_ok = offs_m < nq
     qt = tl.load(q + i * sqb + h * sqh + offs_m[:, None] * sqn + offs_d[None, :], mask=row_ok[:, None], other=0.0)
     count = tl.load(keep_count + r)
     peak = tl.full([BLOCK_M], float("-inf"), tl.float32)
@@ -62,8 +75,7 @@ def _forward_kernel(q, k, v, out, lse, keep_index, keep_count,
     for start in range(0, count, BLOCK_N):
         offs_n = start + tl.arange(0, BLOCK_N)
         pos, valid = _keep_positions(keep_index, keep_count, r, stride_keep, offs_n, IS_RUN)
-        kt = tl.load(k + b * skb + h * skh + pos[:, None] * skn + offs_d[None, :], mask=valid[:, None], other=0.0)
-        vt = tl.load(v + b * svb + h * svh + pos[:, None] * svn + offs_d[None, :], mask=valid[:, None], other=0.0)
+        kt, vt = _key_value_tiles(k, v, b, h, pos, valid, offs_d, skb, skn, skh, svb, svn, svh)
         s = _dot(qt, tl.trans(kt), DOT_FP32) * scale
         s = tl.where(valid[None, :], s, float("-inf"))
         new_peak = tl.maximum(peak, tl.max(s, axis=1))   # finite: the first block has a valid key
@@ -85,12 +97,8 @@ def _grad_q_kernel(q, k, v, grad_out, grad_q, lse, delta, keep_index, keep_count
                    nq, heads, bk, keep_rows, scale,
                    D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    IS_RUN: tl.constexpr, DOT_FP32: tl.constexpr):
-    row_head = tl.program_id(1)
-    i, h = row_head // heads, row_head % heads
-    b, r = i % bk, i % keep_rows
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_head, i, h, b, r, offs_m, row_ok = _query_block(nq, heads, bk, keep_rows, BLOCK_M)
     offs_d = tl.arange(0, D)
-    row_ok = offs_m < nq
     rows = i * sqb + h * sqh + offs_m[:, None] * sqn + offs_d[None, :]
     qt = tl.load(q + rows, mask=row_ok[:, None], other=0.0)
     got = tl.load(grad_out + i * sgb + h * sgh + offs_m[:, None] * sgn + offs_d[None, :], mask=row_ok[:, None],
@@ -102,8 +110,7 @@ def _grad_q_kernel(q, k, v, grad_out, grad_q, lse, delta, keep_index, keep_count
     for start in range(0, count, BLOCK_N):
         offs_n = start + tl.arange(0, BLOCK_N)
         pos, valid = _keep_positions(keep_index, keep_count, r, stride_keep, offs_n, IS_RUN)
-        kt = tl.load(k + b * skb + h * skh + pos[:, None] * skn + offs_d[None, :], mask=valid[:, None], other=0.0)
-        vt = tl.load(v + b * svb + h * svh + pos[:, None] * svn + offs_d[None, :], mask=valid[:, None], other=0.0)
+        kt, vt = _key_value_tiles(k, v, b, h, pos, valid, offs_d, skb, skn, skh, svb, svn, svh)
         p = tl.exp(_dot(qt, tl.trans(kt), DOT_FP32) * scale - row_lse[:, None])
         p = tl.where(valid[None, :] & row_ok[:, None], p, 0.0)
         dp = _dot(got, tl.trans(vt), DOT_FP32)
@@ -131,8 +138,7 @@ def _grad_kv_kernel(q, k, v, grad_out, grad_k, grad_v, lse, delta, keep_index, k
     else:
         pos = offs_n
         key_ok = offs_n < nk
-    kt = tl.load(k + b * skb + h * skh + pos[:, None] * skn + offs_d[None, :], mask=key_ok[:, None], other=0.0)
-    vt = tl.load(v + b * svb + h * svh + pos[:, None] * svn + offs_d[None, :], mask=key_ok[:, None], other=0.0)
+    kt, vt = _key_value_tiles(k, v, b, h, pos, key_ok, offs_d, skb, skn, skh, svb, svn, svh)
     acc_k = tl.zeros([BLOCK_N, D], tl.float32)
     acc_v = tl.zeros([BLOCK_N, D], tl.float32)
     # A block past the end of a shorter keep list has nothing to do.
