@@ -78,6 +78,31 @@ def backends() -> dict:
 SupportCheck = Callable[[], Optional[str]]
 
 
+def extension_support(operator: str, dispatch_key: str, device: torch.device) -> SupportCheck:
+    """The check of the "cpu" or "cuda" backend (dispatch_key "CPU" or "CUDA") for a call on
+    `device` of the compiled operator loca_kernels::<operator>."""
+    backend = dispatch_key.lower()
+
+    def check() -> Optional[str]:
+        if device.type != backend:
+            return f"tensors are on {device}, the {backend!r} backend needs {backend} tensors"
+        if not extension_has_kernel(operator, dispatch_key):
+            return f"the extension was built without a {dispatch_key} kernel of {operator}"
+        return None
+    return check
+
+
+def triton_support(device: torch.device) -> SupportCheck:
+    """The check of the "triton" backend for a call on `device`."""
+    def check() -> Optional[str]:
+        if not TRITON_AVAILABLE:
+            return "triton is not installed"
+        if not triton_can_run(device):
+            return f"Triton cannot run on {device} here (CPU tensors need TRITON_INTERPRET=1)"
+        return None
+    return check
+
+
 def choose_backend(op: str, requested: Optional[str], device: torch.device,
                    support: Mapping[str, SupportCheck]) -> str:
     """Resolve `requested` (None, or a name in BACKENDS) for one call of `op` on `device`.

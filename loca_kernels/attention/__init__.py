@@ -10,7 +10,7 @@ from typing import Optional
 
 import torch
 
-from .._backends import choose_backend, extension_has_kernel, triton_can_run
+from .._backends import choose_backend, extension_support, triton_support
 from .._validation import FLOAT_DTYPES, check_same_device, check_tensor, shape_str, values_checkable
 from . import reference
 from .keep import KeepRun, compact_keep, consecutive_keep, keep_to_mask, random_keep
@@ -91,20 +91,10 @@ def _check_inputs(q, k, v, keep) -> None:
 def _support(q: torch.Tensor) -> dict:
     device = q.device
 
-    def extension(key: str):
-        def check() -> Optional[str]:
-            if device.type != key.lower():
-                return f"tensors are on {device}, the {key.lower()!r} backend needs {key.lower()} tensors"
-            if key.lower() not in FORWARD or not extension_has_kernel("attention_forward", key):
-                return f"the extension was built without {key} attention kernels"
-            return None
-        return check
-
     def triton() -> Optional[str]:
-        if "triton" not in FORWARD:
-            return "the Triton attention kernels are not available (is triton installed?)"
-        if not triton_can_run(device):
-            return f"Triton cannot run on {device} here (CPU tensors need TRITON_INTERPRET=1)"
+        reason = triton_support(device)()
+        if reason is not None:
+            return reason
         if q.dtype not in FLOAT_DTYPES:
             return f"dtype {q.dtype} is not one of {FLOAT_DTYPES}"
         if q.shape[-1] not in TRITON_HEAD_DIMS:
@@ -112,14 +102,14 @@ def _support(q: torch.Tensor) -> dict:
         return None
 
     def cuda() -> Optional[str]:
-        reason = extension("CUDA")()
+        reason = extension_support("attention_forward", "CUDA", device)()
         if reason is None and q.dtype not in FLOAT_DTYPES:
             reason = f"dtype {q.dtype} is not one of {FLOAT_DTYPES}"
         if reason is None and q.shape[-1] not in CUDA_HEAD_DIMS:
             reason = f"head dim D={q.shape[-1]} is not one of {CUDA_HEAD_DIMS}"
         return reason
 
-    return {"cpu": extension("CPU"), "cuda": cuda, "triton": triton}
+    return {"cpu": extension_support("attention_forward", "CPU", device), "cuda": cuda, "triton": triton}
 
 
 def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:

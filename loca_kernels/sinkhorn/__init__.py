@@ -10,7 +10,7 @@ from typing import Optional
 
 import torch
 
-from .._backends import EXTENSION_ERROR, choose_backend, extension_has_kernel, triton_can_run
+from .._backends import EXTENSION_ERROR, choose_backend, extension_support, triton_support
 from .._validation import FLOAT_DTYPES, check_tensor, shape_str
 from . import fused, reference
 
@@ -27,26 +27,8 @@ if EXTENSION_ERROR is None:
 
 
 def _support(device: torch.device) -> dict:
-    def cpu():
-        if device.type != "cpu":
-            return f"tensors are on {device}, the 'cpu' backend needs CPU tensors"
-        if not extension_has_kernel("sinkhorn_pass", "CPU"):
-            return "the extension was built without the CPU Sinkhorn kernel"
-        return None
-
-    def cuda():
-        if device.type != "cuda":
-            return f"tensors are on {device}, the 'cuda' backend needs CUDA tensors"
-        if not extension_has_kernel("sinkhorn_pass", "CUDA"):
-            return "the extension was built without CUDA kernels"
-        return None
-
-    def triton():
-        if not triton_can_run(device):
-            return f"triton (installed?) needs CUDA tensors, or TRITON_INTERPRET=1 on the CPU; got {device} tensors"
-        return None
-
-    return {"cpu": cpu, "cuda": cuda, "triton": triton}
+    return {"cpu": extension_support("sinkhorn_pass", "CPU", device),
+            "cuda": extension_support("sinkhorn_pass", "CUDA", device), "triton": triton_support(device)}
 
 
 def _pass_operator(name: str):

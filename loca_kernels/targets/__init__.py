@@ -10,7 +10,7 @@ from typing import Optional
 
 import torch
 
-from .._backends import EXTENSION_ERROR, TRITON_AVAILABLE, choose_backend, extension_has_kernel, triton_can_run
+from .._backends import EXTENSION_ERROR, TRITON_AVAILABLE, choose_backend, extension_support, triton_support
 from .._validation import check_grid, check_same_device, check_tensor, shape_str, values_checkable
 from . import reference
 
@@ -30,28 +30,8 @@ if EXTENSION_ERROR is None:
 
 
 def _support(device: torch.device) -> dict:
-    def cpu():
-        if device.type != "cpu":
-            return f"tensors are on {device}, the 'cpu' backend needs CPU tensors"
-        if not extension_has_kernel(OP, "CPU"):
-            return "the extension was built without the CPU targets kernel"
-        return None
-
-    def triton():
-        if not TRITON_AVAILABLE:
-            return "triton is not installed"
-        if not triton_can_run(device):
-            return f"Triton cannot run on {device} here (CPU tensors need TRITON_INTERPRET=1)"
-        return None
-
-    def cuda():
-        if device.type != "cuda":
-            return f"tensors are on {device}, the 'cuda' backend needs CUDA tensors"
-        if not extension_has_kernel(OP, "CUDA"):
-            return "the extension was built without the CUDA targets kernel"
-        return None
-
-    return {"cpu": cpu, "triton": triton, "cuda": cuda}
+    return {"cpu": extension_support(OP, "CPU", device), "triton": triton_support(device),
+            "cuda": extension_support(OP, "CUDA", device)}
 
 
 def _optional_per_view(name: str, x, shape: tuple, device, dtype_kind: str) -> torch.Tensor:
