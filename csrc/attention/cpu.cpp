@@ -395,27 +395,23 @@ void backward_tasks(const Problem<scalar_t>& p, int64_t begin, int64_t end) {
 #ifdef __clang__
 #define LOCA_CONTRACT
 #else
-#define LOCA_CONTRACT optimize("fp-contract=fast"),
+#define LOCA_CONTRACT __attribute__((optimize("fp-contract=fast")))
 #endif
 
 template <typename scalar_t>
-__attribute__((target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma"), LOCA_CONTRACT flatten)) void forward_avx512(
-    const Problem<scalar_t>& p, int64_t begin, int64_t end) {
+LOCA_TARGET_AVX512 LOCA_CONTRACT void forward_avx512(const Problem<scalar_t>& p, int64_t begin, int64_t end) {
   forward_items<Avx512>(p, begin, end);
 }
 template <typename scalar_t>
-__attribute__((target("avx2,fma"), LOCA_CONTRACT flatten)) void forward_avx2(const Problem<scalar_t>& p, int64_t begin,
-                                                               int64_t end) {
+LOCA_TARGET_AVX2 LOCA_CONTRACT void forward_avx2(const Problem<scalar_t>& p, int64_t begin, int64_t end) {
   forward_items<Avx2>(p, begin, end);
 }
 template <typename scalar_t>
-__attribute__((target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma"), LOCA_CONTRACT flatten)) void backward_avx512(
-    const Problem<scalar_t>& p, int64_t begin, int64_t end) {
+LOCA_TARGET_AVX512 LOCA_CONTRACT void backward_avx512(const Problem<scalar_t>& p, int64_t begin, int64_t end) {
   backward_tasks<Avx512>(p, begin, end);
 }
 template <typename scalar_t>
-__attribute__((target("avx2,fma"), LOCA_CONTRACT flatten)) void backward_avx2(const Problem<scalar_t>& p, int64_t begin,
-                                                                int64_t end) {
+LOCA_TARGET_AVX2 LOCA_CONTRACT void backward_avx2(const Problem<scalar_t>& p, int64_t begin, int64_t end) {
   backward_tasks<Avx2>(p, begin, end);
 }
 #endif
@@ -427,30 +423,6 @@ __attribute__((flatten)) void forward_baseline(const Problem<scalar_t>& p, int64
 template <typename scalar_t>
 __attribute__((flatten)) void backward_baseline(const Problem<scalar_t>& p, int64_t begin, int64_t end) {
   backward_tasks<Baseline>(p, begin, end);
-}
-
-template <typename scalar_t>
-void forward(const Problem<scalar_t>& p, int64_t begin, int64_t end) {
-#ifdef LOCA_KERNELS_X86_VARIANTS
-  switch (loca_kernels::cpu_isa()) {
-    case loca_kernels::CpuIsa::kAvx512: return forward_avx512(p, begin, end);
-    case loca_kernels::CpuIsa::kAvx2: return forward_avx2(p, begin, end);
-    case loca_kernels::CpuIsa::kBaseline: break;
-  }
-#endif
-  forward_baseline(p, begin, end);
-}
-
-template <typename scalar_t>
-void backward(const Problem<scalar_t>& p, int64_t begin, int64_t end) {
-#ifdef LOCA_KERNELS_X86_VARIANTS
-  switch (loca_kernels::cpu_isa()) {
-    case loca_kernels::CpuIsa::kAvx512: return backward_avx512(p, begin, end);
-    case loca_kernels::CpuIsa::kAvx2: return backward_avx2(p, begin, end);
-    case loca_kernels::CpuIsa::kBaseline: break;
-  }
-#endif
-  backward_baseline(p, begin, end);
 }
 
 // ---- torch glue ---------------------------------------------------------------------------
@@ -543,8 +515,8 @@ std::tuple<at::Tensor, at::Tensor> attention_forward_cpu(const at::Tensor& q, co
     auto p = problem<scalar_t>(q, k, v, keep, scale);
     p.out = tokens<scalar_t>(out);
     p.lse = lse.data_ptr<float>();
-    at::parallel_for(0, p.bk * p.heads * p.views(), 1,
-                     [&](int64_t begin, int64_t end) { forward(p, begin, end); });
+    const auto run = LOCA_CPU_VARIANT(forward, <scalar_t>);
+    at::parallel_for(0, p.bk * p.heads * p.views(), 1, [&](int64_t begin, int64_t end) { run(p, begin, end); });
   });
   return {out, lse};
 }
@@ -564,7 +536,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cpu(
     auto p = problem<scalar_t>(q, k, v, keep, scale);
     p.grad_out = tokens<const scalar_t>(grad_out);
     p.grad_q = tokens<scalar_t>(grad_q), p.grad_k = tokens<scalar_t>(grad_k), p.grad_v = tokens<scalar_t>(grad_v);
-    at::parallel_for(0, p.bk * p.heads, 1, [&](int64_t begin, int64_t end) { backward(p, begin, end); });
+    const auto run = LOCA_CPU_VARIANT(backward, <scalar_t>);
+    at::parallel_for(0, p.bk * p.heads, 1, [&](int64_t begin, int64_t end) { run(p, begin, end); });
   });
   return {grad_q, grad_k, grad_v};
 }

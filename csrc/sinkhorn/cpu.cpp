@@ -162,14 +162,7 @@ void sinkhorn_pass_kernel(const at::Tensor& scores, const float* col_scale, floa
   std::vector<float> partial(write ? 0 : chunks * k, 0.0f), chunk_shift(chunks, normalize_rows ? 0.0f : kNegInf);
   const Pass<scalar_t> pass{scores.data_ptr<scalar_t>(), col_scale, inv_epsilon, normalize_rows, write, n, k,
                             scores.stride(0), result, partial.data(), chunk_shift.data()};
-  auto run = process_chunk_baseline<scalar_t>;
-#ifdef LOCA_KERNELS_X86_VARIANTS
-  switch (loca_kernels::cpu_isa()) {
-    case loca_kernels::CpuIsa::kAvx512: run = process_chunk_avx512<scalar_t>; break;
-    case loca_kernels::CpuIsa::kAvx2: run = process_chunk_avx2<scalar_t>; break;
-    case loca_kernels::CpuIsa::kBaseline: break;
-  }
-#endif
+  const auto run = LOCA_CPU_VARIANT(process_chunk, <scalar_t>);
   at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> converted(std::is_same_v<scalar_t, float> ? 0 : k), buffer(write ? 0 : k);
     for (int64_t chunk = begin; chunk < end; ++chunk) run(pass, chunk, converted.data(), buffer.data());

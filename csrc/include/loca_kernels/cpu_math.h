@@ -41,10 +41,27 @@ inline CpuIsa cpu_isa() {
   return isa;
 }
 
+// A kernel defines name_baseline, and on x86-64 also name_avx2 and name_avx512, the same
+// function compiled per instruction set; LOCA_CPU_VARIANT(name, <template args>) is the one
+// for cpu_isa().
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #define LOCA_KERNELS_X86_VARIANTS 1
 #define LOCA_TARGET_AVX512 __attribute__((target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma"), flatten))
 #define LOCA_TARGET_AVX2 __attribute__((target("avx2,fma"), flatten))
+
+template <typename Fn>
+Fn cpu_variant(Fn baseline, Fn avx2, Fn avx512) {
+  switch (cpu_isa()) {
+    case CpuIsa::kAvx512: return avx512;
+    case CpuIsa::kAvx2: return avx2;
+    case CpuIsa::kBaseline: break;
+  }
+  return baseline;
+}
+#define LOCA_CPU_VARIANT(name, targs) \
+  ::loca_kernels::cpu_variant(name##_baseline targs, name##_avx2 targs, name##_avx512 targs)
+#else
+#define LOCA_CPU_VARIANT(name, targs) name##_baseline targs
 #endif
 
 // max as a select on values.
