@@ -60,12 +60,13 @@ def sinkhorn(sinkhorn_pass, scores: torch.Tensor, *, epsilon: float, iterations:
         col = shift + torch.log(sums)
     else:
         col = _column_logsumexp(scores, inv_epsilon, not swav, group)
-    log_k_over_n = float(math.log(k) - torch.log(n_total))  # SwAV's columns to 1/K, rows to 1/N
+    # SwAV's constants: columns to 1/K, rows to 1/N_total (LOCA: both to 1).
     if swav:
         col = col + math.log(k)
+    col_offset = float(math.log(k) - torch.log(n_total)) if swav else 0.0
     for _ in range(iterations - 1):
         sums = sum_over_ranks(sinkhorn_pass(scores, col, inv_epsilon, True, False)[0], group)
-        col = col + torch.log(sums) + (log_k_over_n if swav else 0.0)
+        col = col + torch.log(sums) + col_offset
     return sinkhorn_pass(scores, col, inv_epsilon, True, True)[0]
 
 
