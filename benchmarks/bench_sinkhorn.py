@@ -1,5 +1,6 @@
 """sinkhorn against the eager formulas as LOCA and SwAV write them, N = B x 196 patches,
-K = 4096 prototypes. Records time, GB/s for the pass count, and peak memory (device memory on a GPU, resident set on a CPU)."""
+K = 4096 prototypes. Records time, GB/s for the pass count, and peak memory (device memory on a
+GPU, resident set on a CPU)."""
 import pytest
 import torch
 

@@ -1,5 +1,6 @@
 """Run each CUDA kernel once (attention forward and backward in every dtype and keep form;
-relative-position targets; every Sinkhorn pass, K in and past shared memory) on small shapes: the workload that run_gpu.sh puts under compute-sanitizer (memcheck, racecheck)."""
+relative-position targets; every Sinkhorn pass, K in and past shared memory) on small shapes:
+the workload that run_gpu.sh puts under compute-sanitizer (memcheck, racecheck)."""
 import torch
 
 import loca_kernels as lk

@@ -12,6 +12,7 @@ caller (or by the environment variable) that cannot run the call raises.
 """
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import os
 import warnings
@@ -101,6 +102,31 @@ def triton_support(device: torch.device) -> SupportCheck:
             return f"Triton cannot run on {device} here (CPU tensors need TRITON_INTERPRET=1)"
         return None
     return check
+
+
+def support(operator: str, device: torch.device) -> dict:
+    """The checks of every fused backend of an op whose C++ operator is loca_kernels::<operator>
+    (its Triton twin is <operator>_triton): the map `choose_backend` takes."""
+    return {"cpu": extension_support(operator, "CPU", device), "cuda": extension_support(operator, "CUDA", device),
+            "triton": triton_support(device)}
+
+
+def fused_operators(register: Callable[[str], object], triton_module: str) -> dict:
+    """The one map from a backend name to the operator an op's public function calls.
+
+    Every fused op has C++ operators (one schema in csrc/ops.cpp, kernels for the "cpu" and
+    "cuda" dispatch keys) and Triton twins named with the suffix "_triton", defined by
+    importing `triton_module` (Triton modules are imported eagerly, when Triton is installed).
+    `register(suffix)` registers the fake functions and autograd of the operators of one twin
+    and returns the operator the public function calls.
+    """
+    operators = {}
+    if EXTENSION_ERROR is None:
+        operators["cpu"] = operators["cuda"] = register("")
+    if TRITON_AVAILABLE:
+        importlib.import_module(triton_module)
+        operators["triton"] = register("_triton")
+    return operators
 
 
 def choose_backend(op: str, requested: Optional[str], device: torch.device,

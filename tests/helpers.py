@@ -1,7 +1,14 @@
-"""Shared by every equivalence test: one tolerance table per dtype, and an assertion
-that reports the max absolute and relative error and any NaN/inf mismatch."""
+"""Shared by every test file: one tolerance table per dtype, an assertion that reports the
+max absolute and relative error and any NaN/inf mismatch, the (backend, device) parameters of
+an op, and compiling Triton kernels for a GPU in a child process."""
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
 import torch
 
 # (atol, rtol) for a kernel computing in `dtype` against a float64 reference.
@@ -43,3 +50,62 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtyp
             f"(atol={atol}, rtol={rtol}); max abs error {err.max().item():.3e}, max rel error "
             f"{rel.max().item():.3e}; worst element: actual {a[finite][worst].item():.6e} vs "
             f"expected {e[finite][worst].item():.6e}")
+
+
+def backend_params(operator: str, *, reference: bool = True) -> list:
+    """pytest params (backend, device): every backend of the op whose C++ operator is
+    loca_kernels::<operator>, on the device it runs on here, skipped with the reason when it
+    cannot run. "torch" (the reference, when `reference`) and "cpu" take CPU tensors, "cuda"
+    CUDA tensors, "triton" CUDA tensors where a GPU exists, else CPU tensors under the
+    interpreter (conftest.py sets TRITON_INTERPRET=1 without a GPU)."""
+    from loca_kernels._backends import support
+
+    gpu = torch.cuda.is_available()
+    pairs = [("torch", "cpu")] * reference + [("cpu", "cpu"), ("triton", "cuda" if gpu else "cpu"), ("cuda", "cuda")]
+    params = []
+    for backend, device in pairs:
+        reason = None
+        if device == "cuda" and not gpu:
+            reason = "no CUDA device"
+        elif backend != "torch":
+            reason = support(operator, torch.device(device))[backend]()
+        params.append(pytest.param(backend, device, id=f"{backend}-{device}",
+                                   marks=pytest.mark.skipif(reason is not None, reason=str(reason))))
+    return params
+
+
+# Run in a child process: the Triton interpreter (TRITON_INTERPRET=1, set for the tests)
+# patches triton.language in its process, which breaks a later compile in that process.
+_COMPILE_PRELUDE = """
+import sys
+sys.path.insert(0, {tests!r})
+from helpers import compile_triton_kernel
+"""
+
+
+def compile_for_gpu(script: str, timeout: float = 900) -> str:
+    """Run `script` in a fresh Python process without TRITON_INTERPRET, with
+    `compile_triton_kernel` imported; fail with its stderr unless it exits 0. Returns stdout."""
+    env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
+    code = _COMPILE_PRELUDE.format(tests=os.path.dirname(os.path.abspath(__file__))) + textwrap.dedent(script)
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, f"compiling for a GPU failed:\n{done.stderr[-4000:]}"
+    return done.stdout
+
+
+def compile_triton_kernel(kernel, types: dict, constexprs: dict, *, capability: int = 90, options=None) -> str:
+    """Compile a @triton.jit kernel to PTX for sm_<capability> with Triton's own compiler (no
+    GPU needed) and return the PTX. `types` gives the Triton type of each runtime argument
+    ("*fp16", "i32", ...); every other parameter is a constexpr taken from `constexprs`."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    signature = {param.name: types.get(param.name, "constexpr") for param in kernel.params}
+    missing = [name for name, kind in signature.items() if kind == "constexpr" and name not in constexprs]
+    assert not missing, f"{kernel.fn.__name__}: no type or constexpr value for {missing}"
+    compiled = triton.compile(ASTSource(kernel, signature, constexprs=constexprs),
+                              target=GPUTarget("cuda", capability, 32), options=options or {})
+    ptx = compiled.asm["ptx"]
+    assert ".entry" in ptx
+    return ptx

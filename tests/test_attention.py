@@ -1,17 +1,13 @@
 """masked_cross_attention: the reference against an explicit per-row computation, float64
 gradcheck, the keep forms, fully masked rows, and every SPEC error."""
 import importlib.util
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
 import loca_kernels as lk
-from helpers import assert_close
+from helpers import assert_close, backend_params, compile_for_gpu
 from loca_kernels._backends import extension_has_kernel
-from loca_kernels.attention import _support as attention_support
 from loca_kernels.attention.keep import compact_keep
 
 
@@ -164,18 +160,7 @@ def test_inputs_are_not_written():
 
 # ---- fused backends against the reference -------------------------------------------------
 
-def _fused_backends():
-    params = []
-    for name in ("cpu", "triton", "cuda"):
-        on_cpu = name == "cpu" or (name == "triton" and not torch.cuda.is_available())
-        device = "cpu" if on_cpu else "cuda"
-        reason = "no CUDA device" if device == "cuda" and not torch.cuda.is_available() else \
-            attention_support(torch.zeros(1, 1, 1, 16, device=device))[name]()
-        params.append(pytest.param(name, device, marks=pytest.mark.skipif(reason is not None, reason=str(reason))))
-    return params
-
-
-FUSED = _fused_backends()
+FUSED = backend_params("attention_forward", reference=False)
 SHAPES = [  # (Bk, V, Nq, Nk, H, D)
     (2, 1, 1, 1, 1, 16),
     (2, 9, 7, 7, 3, 16),
@@ -186,7 +171,7 @@ SHAPES = [  # (Bk, V, Nq, Nk, H, D)
 
 def _dtypes(backend, device):
     dtypes = [torch.float32, torch.float16]
-    # bf16 tl.dot is wrong under Triton's interpreter (ENVIRONMENT.md): checked on a GPU only.
+    # bf16 tl.dot is wrong under Triton's interpreter (operands multiplied as integers): checked on a GPU only.
     if not (backend == "triton" and device == "cpu"):
         dtypes.append(torch.bfloat16)
     return dtypes
@@ -285,46 +270,36 @@ def test_backend_none_falls_back_and_named_backend_explains():
         lk.masked_cross_attention(q, k, v, backend="triton")
 
 
-COMPILE_FOR_SM90 = """
-import itertools, triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-from loca_kernels.attention import triton as attention_triton
-
-KERNELS = [(attention_triton._forward_kernel, {}), (attention_triton._grad_q_kernel, {}),
-           (attention_triton._grad_kv_kernel, {"SHARED": True}), (attention_triton._grad_kv_kernel, {"SHARED": False})]
-VARIANTS = [(dtype, 64, is_run) for dtype in ("fp16", "bf16", "fp32") for is_run in (True, False)]
-VARIANTS += [("bf16", d, False) for d in (16, 128)]
-for (kernel, extra), (dtype, d, is_run) in itertools.product(KERNELS, VARIANTS):
-    types = {}
-    for param in kernel.params:
-        if param.is_constexpr:
-            continue
-        if param.name in ("lse", "delta"):
-            types[param.name] = "*fp32"
-        elif param.name in ("keep_index", "keep_count"):
-            types[param.name] = "*i32"
-        elif param.name == "visible":
-            types[param.name] = "*i8"
-        elif param.name in ("q", "k", "v", "out", "grad_out", "grad_q", "grad_k", "grad_v"):
-            types[param.name] = "*" + dtype
-        else:
-            types[param.name] = "fp32" if param.name == "scale" else "i32"
-    constexprs = dict(D=d, BLOCK_M=64, BLOCK_N=attention_triton.BLOCK_N, IS_RUN=is_run, DOT_FP32=False, **extra)
-    signature = {param.name: types.get(param.name, "constexpr") for param in kernel.params}
-    compiled = triton.compile(ASTSource(kernel, signature, constexprs=constexprs),
-                              target=GPUTarget("cuda", 90, 32), options={"enable_fp_fusion": True})
-    assert ".entry" in compiled.asm["ptx"]
-print("compiled")
-"""
-
-
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
 def test_triton_kernels_compile_for_a_gpu():
     # The interpreter runs Python (and multiplies in fp32), not Triton's compiler: every
     # kernel is also compiled for sm_90 with GPU-mode dots in fp16, bf16 and fp32 (no GPU
-    # needed), in a process without TRITON_INTERPRET.
-    env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
-    done = subprocess.run([sys.executable, "-c", COMPILE_FOR_SM90], env=env, capture_output=True, text=True,
-                          timeout=900)
-    assert done.returncode == 0 and "compiled" in done.stdout, done.stderr[-3000:]
+    # needed).
+    compile_for_gpu("""
+        import itertools
+        from loca_kernels.attention import triton as attention_triton
+
+        KERNELS = [(attention_triton._forward_kernel, {}), (attention_triton._grad_q_kernel, {}),
+                   (attention_triton._grad_kv_kernel, {"SHARED": True}),
+                   (attention_triton._grad_kv_kernel, {"SHARED": False})]
+        VARIANTS = [(dtype, 64, is_run) for dtype in ("fp16", "bf16", "fp32") for is_run in (True, False)]
+        VARIANTS += [("bf16", d, False) for d in attention_triton.HEAD_DIMS]
+        for (kernel, extra), (dtype, d, is_run) in itertools.product(KERNELS, VARIANTS):
+            types = {}
+            for param in kernel.params:
+                if param.is_constexpr:
+                    continue
+                if param.name in ("lse", "delta"):
+                    types[param.name] = "*fp32"
+                elif param.name in ("keep_index", "keep_count"):
+                    types[param.name] = "*i32"
+                elif param.name == "visible":
+                    types[param.name] = "*i8"
+                elif param.name in ("q", "k", "v", "out", "grad_out", "grad_q", "grad_k", "grad_v"):
+                    types[param.name] = "*" + dtype
+                else:
+                    types[param.name] = "fp32" if param.name == "scale" else "i32"
+            constexprs = dict(D=d, BLOCK_M=64, BLOCK_N=attention_triton.BLOCK_N, IS_RUN=is_run, DOT_FP32=False,
+                              **extra)
+            compile_triton_kernel(kernel, types, constexprs, options={"enable_fp_fusion": True})
+    """)

@@ -11,20 +11,12 @@ from torch import nn
 
 import loca_kernels
 from loca_kernels import ClusteringHead, CrossAttentionBlock, KeepRun, MaskedCrossAttention, PositionPredictor
-from loca_kernels.attention.ops import FORWARD
-from helpers import assert_close
+from helpers import assert_close, backend_params
 
-INFO = loca_kernels.backends()
 # Every backend that can run masked_cross_attention on CPU tensors here. Fused backends are
-# run in float32 (the Triton interpreter supports no float64); "torch" also in float64.
-BACKENDS = [
-    pytest.param("torch", torch.float64, id="torch-float64"),
-    pytest.param("cpu", torch.float32, id="cpu-float32", marks=pytest.mark.skipif(
-        not INFO["cpu_kernels"], reason="the C++ extension was built without CPU attention kernels")),
-    pytest.param("triton", torch.float32, id="triton-float32", marks=pytest.mark.skipif(
-        "triton" not in FORWARD or not (INFO["cuda_device"] or INFO["triton_interpreter"]),
-        reason="Triton needs a CUDA device or TRITON_INTERPRET=1")),
-]
+# run in float32 (the Triton interpreter supports no float64); "torch" in float64.
+BACKENDS = [pytest.param(p.values[0], torch.float64 if p.values[0] == "torch" else torch.float32, marks=p.marks,
+                         id=p.id) for p in backend_params("attention_forward") if p.values[1] == "cpu"]
 DIM, HEADS, CONTEXT_DIM = 32, 2, 24          # head dim 16: a size every fused backend supports
 
 

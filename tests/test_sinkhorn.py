@@ -2,8 +2,6 @@
 and all-reduce counts, stability, errors and the 2-process distributed case."""
 import os
 import socket
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -11,25 +9,14 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import loca_kernels as lk
-from helpers import assert_close
-from loca_kernels._backends import TRITON_AVAILABLE, extension_has_kernel, triton_can_run
-from loca_kernels.sinkhorn import _pass_operator, fused
+from helpers import assert_close, backend_params, compile_for_gpu
+from loca_kernels._backends import TRITON_AVAILABLE, extension_has_kernel
+from loca_kernels.sinkhorn import fused
+from loca_kernels.sinkhorn.ops import OPERATORS
 
-DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-BACKENDS = [
-    "torch",
-    pytest.param("cpu", marks=pytest.mark.skipif(not extension_has_kernel("sinkhorn_pass", "CPU"),
-                                                 reason="extension built without the CPU Sinkhorn kernel")),
-    pytest.param("triton", marks=pytest.mark.skipif(not triton_can_run(DEVICE), reason="Triton cannot run here")),
-    pytest.param("cuda", marks=pytest.mark.skipif(not extension_has_kernel("sinkhorn_pass", "CUDA")
-                                                  or DEVICE.type != "cuda", reason="needs a GPU and CUDA kernels")),
-]
-FUSED = BACKENDS[1:]
+BACKENDS = backend_params("sinkhorn_pass")
+FUSED = backend_params("sinkhorn_pass", reference=False)
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-
-
-def device_of(backend):
-    return torch.device("cuda") if backend == "cuda" else DEVICE if backend == "triton" else torch.device("cpu")
 
 
 def textbook(scores, epsilon, iterations, mode):
@@ -63,9 +50,9 @@ SHAPES_AND_ITERATIONS = [(n, k, t) for n, k in [(1, 1), (7, 3), (1, 4096)] for t
 
 @pytest.mark.parametrize("mode", ["loca", "swav"])
 @pytest.mark.parametrize("n,k,iterations", SHAPES_AND_ITERATIONS)
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_matches_the_textbook_formula(mode, n, k, iterations, backend):
-    scores = random_scores(n, k, device=device_of(backend))
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_matches_the_textbook_formula(mode, n, k, iterations, backend, device):
+    scores = random_scores(n, k, device=device)
     got = lk.sinkhorn(scores, epsilon=0.05, iterations=iterations, mode=mode, backend=backend)
     assert got.dtype == torch.float32 and got.shape == (n, k) and not got.requires_grad
     assert got.device == scores.device
@@ -75,26 +62,26 @@ def test_matches_the_textbook_formula(mode, n, k, iterations, backend):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("mode", ["loca", "swav"])
 @pytest.mark.parametrize("n,k", [(7, 3), (197, 4096)])
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_every_input_dtype_computes_in_float32(dtype, mode, n, k, backend):
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_every_input_dtype_computes_in_float32(dtype, mode, n, k, backend, device):
     # The input is read in its own dtype and computed on in float32: against the textbook
     # formula on the same (rounded) values, the float32 tolerance holds.
-    scores = random_scores(n, k, scale=0.2, dtype=dtype, device=device_of(backend))
+    scores = random_scores(n, k, scale=0.2, dtype=dtype, device=device)
     got = lk.sinkhorn(scores, iterations=3, mode=mode, backend=backend)
     assert_close(got, textbook(scores, 0.05, 3, mode), torch.float32)
 
 
-@pytest.mark.parametrize("backend", FUSED)
-def test_reads_scores_in_place_with_a_row_stride(backend):
-    wide = random_scores(50, 40, device=device_of(backend))
+@pytest.mark.parametrize("backend,device", FUSED)
+def test_reads_scores_in_place_with_a_row_stride(backend, device):
+    wide = random_scores(50, 40, device=device)
     scores = wide[:, 3:30]                                  # row stride 40, contiguous along K
     got = lk.sinkhorn(scores, iterations=2, backend=backend)
     assert_close(got, textbook(scores, 0.05, 2, "loca"), torch.float32)
 
 
-@pytest.mark.parametrize("backend", FUSED)
-def test_transposed_and_single_prototype_layouts(backend):
-    device = device_of(backend)
+@pytest.mark.parametrize("backend,device", FUSED)
+def test_transposed_and_single_prototype_layouts(backend, device):
+    device = device
     transposed = random_scores(30, 20, device=device).t()          # stride 1 along N: copied once
     single = random_scores(1, 9, device=device).t()                # (9, 1) with stride 9 along K
     for scores in (transposed, single):
@@ -104,9 +91,9 @@ def test_transposed_and_single_prototype_layouts(backend):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("mode", ["loca", "swav"])
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_stable_where_the_textbook_overflows(dtype, mode, backend):
-    scores = random_scores(300, 64, scale=100, dtype=dtype, device=device_of(backend), seed=0)  # |s|/eps ~ 2000
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_stable_where_the_textbook_overflows(dtype, mode, backend, device):
+    scores = random_scores(300, 64, scale=100, dtype=dtype, device=device, seed=0)  # |s|/eps ~ 2000
     assert not torch.isfinite(torch.exp(scores.float() / 0.05)).all()  # the textbook would overflow
     got = lk.sinkhorn(scores, epsilon=0.05, iterations=3, mode=mode, backend=backend)
     assert torch.isfinite(got).all()
@@ -118,13 +105,13 @@ def test_stable_where_the_textbook_overflows(dtype, mode, backend):
 
 
 @pytest.mark.parametrize("mode", ["loca", "swav"])
-@pytest.mark.parametrize("backend", FUSED)
-def test_a_prototype_far_from_every_sample(mode, backend):
+@pytest.mark.parametrize("backend,device", FUSED)
+def test_a_prototype_far_from_every_sample(mode, backend, device):
     # Column 0 lies ~400 below every sample: its pass-0 sum underflows float32, so pass 0 is
     # redone in the log domain; the other columns stay on the fast path's scale.
     scores = random_scores(40, 6, scale=0.5, seed=1)
     scores[:, 0] -= 20.0
-    scores = scores.to(device_of(backend))
+    scores = scores.to(device)
     got = lk.sinkhorn(scores, iterations=3, mode=mode, backend=backend)
     assert_close(got, textbook(scores, 0.05, 3, mode), torch.float32)
     assert got[:, 0].sum() > 0.5       # the balancing gives the far prototype its share
@@ -132,7 +119,7 @@ def test_a_prototype_far_from_every_sample(mode, backend):
 
 class CountingPass:
     def __init__(self, backend):
-        self.op, self.calls = _pass_operator(backend), []
+        self.op, self.calls = OPERATORS[backend], []
 
     def __call__(self, scores, col, inv_epsilon, normalize_rows, write):
         self.calls.append(write)
@@ -141,9 +128,9 @@ class CountingPass:
 
 @pytest.mark.parametrize("mode,iterations,passes", [("loca", 0, 1), ("swav", 0, 2), ("loca", 1, 2), ("swav", 1, 2),
                                                     ("loca", 3, 4), ("swav", 3, 4), ("loca", 5, 6)])
-@pytest.mark.parametrize("backend", FUSED)
-def test_passes_over_scores(mode, iterations, passes, backend):
-    scores = random_scores(33, 10, device=device_of(backend))
+@pytest.mark.parametrize("backend,device", FUSED)
+def test_passes_over_scores(mode, iterations, passes, backend, device):
+    scores = random_scores(33, 10, device=device)
     counting = CountingPass(backend)
     got = fused.sinkhorn(counting, scores, epsilon=0.05, iterations=iterations, mode=mode)
     assert len(counting.calls) == passes and counting.calls.count(True) == 1 and counting.calls[-1]
@@ -219,9 +206,9 @@ def _rank_main(rank, world, port, scores, mode, iterations, backend, results):
 # pass 0 underflows and is redone in the log domain (two more all-reduces).
 @pytest.mark.parametrize("mode,iterations,scale", [("loca", 3, 0.5), ("swav", 3, 0.5), ("swav", 0, 0.5),
                                                    ("loca", 3, 3.0), ("swav", 3, 3.0)])
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_two_gloo_ranks_equal_one_process_on_the_concatenated_scores(mode, iterations, scale, backend):
-    if backend == "cuda":
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_two_gloo_ranks_equal_one_process_on_the_concatenated_scores(mode, iterations, scale, backend, device):
+    if device == "cuda":
         pytest.skip("gloo test runs on CPU tensors")
     scores = random_scores(37, 11, scale=scale, seed=5)
     results = mp.Manager().dict()
@@ -237,12 +224,11 @@ def test_two_gloo_ranks_equal_one_process_on_the_concatenated_scores(mode, itera
 
 @pytest.mark.parametrize("write", [False, True])
 @pytest.mark.parametrize("normalize_rows", [False, True])
-@pytest.mark.parametrize("backend", FUSED)
-def test_opcheck_pass_operators(backend, normalize_rows, write):
-    scores = random_scores(70, 9, device=device_of(backend))
+@pytest.mark.parametrize("backend,device", FUSED)
+def test_opcheck_pass_operators(backend, device, normalize_rows, write):
+    scores = random_scores(70, 9, device=device)
     args = (scores, torch.randn(9, device=scores.device), 20.0, normalize_rows, write)
-    op = torch.ops.loca_kernels.sinkhorn_pass_triton if backend == "triton" else torch.ops.loca_kernels.sinkhorn_pass
-    torch.library.opcheck(op.default, args)
+    torch.library.opcheck(OPERATORS[backend].default, args)
 
 
 @pytest.mark.skipif(not extension_has_kernel("sinkhorn_pass", "CPU"), reason="extension built without the CPU kernel")
@@ -257,30 +243,19 @@ def test_cpu_result_does_not_depend_on_the_thread_count():
     assert torch.equal(one, lk.sinkhorn(scores, backend="cpu"))
 
 
-COMPILE_FOR_SM90 = """
-import itertools, triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-from loca_kernels.sinkhorn.triton import _sinkhorn_pass_kernel as kernel
-for normalize, write, one_tile, dtype in itertools.product((True, False), (True, False), (True, False),
-                                                           ("fp32", "fp16", "bf16")):
-    types = dict(scores="*" + dtype, col_scale="*fp32", out="*fp32", partial="*fp32", partial_shift="*fp32",
-                 n="i32", k="i32", stride_n="i32", inv_epsilon="fp32", blocks_per_program="i32")
-    constexprs = dict(NORMALIZE=normalize, WRITE=write, BLOCK_N=2 if one_tile else 1, BLOCK_K=4096,
-                      ONE_TILE=one_tile)
-    signature = {param.name: types.get(param.name, "constexpr") for param in kernel.params}
-    compiled = triton.compile(ASTSource(kernel, signature, constexprs=constexprs),
-                              target=GPUTarget("cuda", 90, 32), options={"enable_fp_fusion": True})
-    assert ".entry" in compiled.asm["ptx"]
-print("compiled")
-"""
-
-
 @pytest.mark.skipif(not TRITON_AVAILABLE, reason="triton is not installed")
 def test_triton_pass_compiles_for_a_gpu():
     # The interpreter runs Python, not Triton's compiler: every variant the host can launch is
-    # also compiled for sm_90 (no GPU needed), in a process without TRITON_INTERPRET.
-    env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
-    done = subprocess.run([sys.executable, "-c", COMPILE_FOR_SM90], env=env, capture_output=True, text=True,
-                          timeout=600)
-    assert done.returncode == 0 and "compiled" in done.stdout, done.stderr[-3000:]
+    # also compiled for sm_90 (no GPU needed).
+    compile_for_gpu("""
+        import itertools
+        from loca_kernels.sinkhorn.triton import _sinkhorn_pass_kernel as kernel
+
+        for normalize, write, one_tile, dtype in itertools.product((True, False), (True, False), (True, False),
+                                                                   ("fp32", "fp16", "bf16")):
+            types = dict(scores="*" + dtype, col_scale="*fp32", out="*fp32", partial="*fp32", partial_shift="*fp32",
+                         n="i32", k="i32", stride_n="i32", inv_epsilon="fp32", blocks_per_program="i32")
+            constexprs = dict(NORMALIZE=normalize, WRITE=write, BLOCK_N=2 if one_tile else 1, BLOCK_K=4096,
+                              ONE_TILE=one_tile)
+            compile_triton_kernel(kernel, types, constexprs, options={"enable_fp_fusion": True})
+    """, timeout=600)

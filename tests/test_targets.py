@@ -4,37 +4,29 @@ import pytest
 import torch
 
 import loca_kernels as lk
-from loca_kernels._backends import TRITON_AVAILABLE, extension_has_kernel, triton_can_run
+from helpers import backend_params, compile_for_gpu
+from loca_kernels._backends import TRITON_AVAILABLE
 from loca_kernels.targets import geometry
 
 OP = "relative_position_targets"
-BACKENDS = [
-    "torch",
-    pytest.param("cpu", marks=pytest.mark.skipif(not extension_has_kernel(OP, "CPU"),
-                                                 reason="extension built without the CPU targets kernel")),
-    pytest.param("triton", marks=pytest.mark.skipif(not triton_can_run(torch.device("cpu")),
-                                                    reason="Triton needs TRITON_INTERPRET=1 for CPU tensors")),
-]
-NO_CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
-CUDA = pytest.param("cuda", marks=NO_CUDA)
-# (backend, device) pairs: every backend on every device it runs on, the reference included.
-ON_DEVICES = [
-    ("torch", "cpu"),
-    pytest.param("cpu", "cpu", marks=BACKENDS[1].marks),
-    pytest.param("triton", "cpu", marks=BACKENDS[2].marks),
-    *(pytest.param(name, "cuda", marks=NO_CUDA) for name in ("torch", "cuda", "triton")),
-]
+# (backend, device) pairs: every backend on the device it runs on, the reference included.
+ON_DEVICES = backend_params(OP) + [pytest.param("torch", "cuda", id="torch-cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="no CUDA device"))]
+FUSED = backend_params(OP, reference=False)
 
 
-@pytest.fixture(params=BACKENDS)
+@pytest.fixture(params=[pytest.param(p.values, marks=p.marks, id=p.id) for p in ON_DEVICES])
 def backend(request):
+    """(name, device) of one backend."""
     return request.param
 
 
-def one(query_box, ref_box, query_grid=(2, 2), ref_grid=(4, 4), backend="torch", **kw):
-    return lk.relative_position_targets(torch.tensor([[query_box]], dtype=torch.float32),
-                                        torch.tensor([ref_box], dtype=torch.float32),
-                                        query_grid, ref_grid, backend=backend, **kw)[0, 0].tolist()
+def one(query_box, ref_box, query_grid=(2, 2), ref_grid=(4, 4), backend=("torch", "cpu"), **kw):
+    name, device = backend
+    kw = {key: t.to(device) if isinstance(t, torch.Tensor) else t for key, t in kw.items()}
+    return lk.relative_position_targets(torch.tensor([[query_box]], dtype=torch.float32, device=device),
+                                        torch.tensor([ref_box], dtype=torch.float32, device=device),
+                                        query_grid, ref_grid, backend=name, **kw)[0, 0].tolist()
 
 
 def test_hand_worked_example(backend):
@@ -115,8 +107,9 @@ def test_random_boxes_flips_and_turns(query_grid, ref_grid, backend):
     rb = geometry.sample_boxes(b, 1, (97, 131), (0.2, 1.0), generator=gen)[:, 0] * 0.37
     qf, rf = geometry.sample_flips(b, v, generator=gen), geometry.sample_flips(b, 1, generator=gen)[:, 0]
     qr = torch.randint(0, 4, (b, v), generator=gen)
-    got = lk.relative_position_targets(qb, rb, query_grid, ref_grid, query_flip=qf, ref_flip=rf, query_rot90=qr,
-                                       backend=backend)
+    name, device = backend
+    got = lk.relative_position_targets(qb.to(device), rb.to(device), query_grid, ref_grid, query_flip=qf.to(device),
+                                       ref_flip=rf.to(device), query_rot90=qr.to(device), backend=name).cpu()
     assert got.dtype == torch.int64 and got.shape == (b, v, query_grid[0] * query_grid[1])
     assert torch.equal(got, explicit_targets(qb, rb, query_grid, ref_grid, qf, rf, qr))
     assert (got != -1).any() and (got == -1).any()  # both cases were exercised
@@ -147,13 +140,14 @@ def test_centres_on_the_edges_of_reference_patches_of_any_width(backend, device)
     assert (got == -1).float().mean() > 0.05 and (got != -1).float().mean() > 0.5
 
 
-@pytest.mark.parametrize("backend", BACKENDS[1:])
-def test_opcheck_fused_operators(backend):
+@pytest.mark.parametrize("backend,device", FUSED)
+def test_opcheck_fused_operators(backend, device):
     gen = torch.Generator().manual_seed(2)
     qb = geometry.sample_boxes(3, 2, (50, 60), (0.05, 0.5), generator=gen)
     rb = geometry.sample_boxes(3, 1, (50, 60), (0.3, 1.0), generator=gen)[:, 0]
     args = (qb, rb, [3, 2], [5, 4], torch.tensor([[True, False]] * 3), torch.tensor([False, True, False]),
             torch.tensor([[0, 1], [2, 3], [1, 0]]), -1)
+    args = tuple(a.to(device) if isinstance(a, torch.Tensor) else a for a in args)
     name = "relative_position_targets" + ("_triton" if backend == "triton" else "")
     torch.library.opcheck(getattr(torch.ops.loca_kernels, name).default, args)
 
@@ -263,27 +257,8 @@ def test_geometry_per_image_sizes():
         geometry.sample_boxes(2, 1, (10, 10), (0.0, 1.0))
 
 
-def test_drop_tokens_keeps_a_sorted_subset_with_its_targets():
-    targets = torch.arange(20).reshape(2, 10) * 3
-    kept, kept_targets = geometry.drop_tokens(targets, 4, generator=torch.Generator().manual_seed(0))
-    assert kept.shape == (2, 4) and (kept.diff(dim=1) > 0).all()
-    assert torch.equal(kept_targets, targets.gather(1, kept))
-    with pytest.raises(ValueError, match="num_keep"):
-        geometry.drop_tokens(targets, 11)
-    with pytest.raises(ValueError, match=r"\(B, N\)"):
-        geometry.drop_tokens(targets[0], 2)
-    # Every row is a uniform subset: over many rows each token is kept about num_keep / N of the time.
-    many = torch.arange(10).repeat(4000, 1)
-    kept, kept_targets = geometry.drop_tokens(many, 3, generator=torch.Generator().manual_seed(1))
-    assert torch.equal(kept, kept_targets)
-    frequency = torch.bincount(kept.flatten(), minlength=10) / 4000
-    assert ((frequency - 0.3).abs() < 0.03).all()
-    again, _ = geometry.drop_tokens(many, 3, generator=torch.Generator().manual_seed(1))
-    assert torch.equal(kept, again)
-
-
-@pytest.mark.parametrize("backend", BACKENDS[1:] + [CUDA])
-def test_fused_kernel_equals_reference_on_many_views_with_edge_hits(backend):
+@pytest.mark.parametrize("backend,device", FUSED)
+def test_fused_kernel_equals_reference_on_many_views_with_edge_hits(backend, device):
     # Integer boxes on a lattice make many centres land exactly on patch and box edges.
     gen = torch.Generator().manual_seed(4)
     b, v = 64, 10
@@ -296,7 +271,6 @@ def test_fused_kernel_equals_reference_on_many_views_with_edge_hits(backend):
     args = (qb, rb, (6, 6), (14, 14))
     kw = dict(query_flip=qf, ref_flip=rf, query_rot90=qr)
     expected = lk.relative_position_targets(*args, **kw, backend="torch")
-    device = "cuda" if backend == "cuda" else "cpu"
     moved = {name: t.to(device) for name, t in kw.items()}
     got = lk.relative_position_targets(qb.to(device), rb.to(device), (6, 6), (14, 14), **moved, backend=backend)
     assert torch.equal(got.cpu(), expected)
@@ -307,35 +281,27 @@ def test_fused_kernel_equals_reference_on_many_views_with_edge_hits(backend):
 
 
 @pytest.mark.skipif(not TRITON_AVAILABLE, reason="triton is not installed")
-@pytest.mark.parametrize("capability", [80, 90])
-def test_triton_kernel_compiles_for_gpus_without_fused_multiply_add(capability):
+def test_triton_kernel_compiles_for_gpus_without_fused_multiply_add():
     # Compiled to PTX here, no GPU needed. Every integer argument equal to 1 (a grid side of
     # 1, V = 1) is given the type the launcher would give it: a constexpr unless the kernel
     # opts out of specialisation.
-    import re
+    compile_for_gpu("""
+        import re
+        from loca_kernels.targets import triton as targets_triton
 
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-    from triton.runtime.jit import JITFunction
-
-    from loca_kernels.targets import triton as targets_triton
-
-    kernel = targets_triton._targets_kernel
-    if not isinstance(kernel, JITFunction):  # the interpreter wraps the Python function
-        kernel = JITFunction(kernel.fn, **kernel.kwargs)
-    pointers = dict(query_boxes="*fp64", ref_boxes="*fp64", query_flip="*i8", ref_flip="*i8",
-                    query_rot90="*i32", out="*i64")
-    signature, constexprs = {}, {"BLOCK": 64}
-    for param in kernel.params:
-        if param.name in pointers:
-            signature[param.name] = pointers[param.name]
-        elif param.is_constexpr or not param.do_not_specialize:
-            signature[param.name] = "constexpr"
-            constexprs.setdefault(param.name, 1)
-        else:
-            signature[param.name] = "i32"
-    compiled = triton.compile(ASTSource(kernel, signature, constexprs=constexprs),
-                              target=GPUTarget("cuda", capability, 32), options=targets_triton.COMPILE_OPTIONS)
-    ptx = compiled.asm["ptx"]
-    assert "div.rn.f64" in ptx and not re.search(r"\bfma\.|\brcp\.", ptx)
+        kernel = targets_triton._targets_kernel
+        types = dict(query_boxes="*fp64", ref_boxes="*fp64", query_flip="*i8", ref_flip="*i8", query_rot90="*i32",
+                     out="*i64")
+        constexprs = {"BLOCK": 64}
+        for param in kernel.params:
+            if param.name in types:
+                continue
+            if param.is_constexpr or not param.do_not_specialize:
+                constexprs.setdefault(param.name, 1)
+            else:
+                types[param.name] = "i32"
+        for capability in (80, 90):
+            ptx = compile_triton_kernel(kernel, types, constexprs, capability=capability,
+                                        options=targets_triton.COMPILE_OPTIONS)
+            assert "div.rn.f64" in ptx and not re.search(r"\\bfma\\.|\\brcp\\.", ptx), capability
+    """)

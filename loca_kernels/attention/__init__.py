@@ -10,17 +10,16 @@ from typing import Optional
 
 import torch
 
-from .._backends import choose_backend, extension_support, triton_support
+from .._backends import choose_backend, support
 from .._validation import FLOAT_DTYPES, check_same_device, check_tensor, shape_str, values_checkable
 from . import reference
 from .keep import KeepRun, compact_keep, consecutive_keep, keep_to_mask, random_keep
-from .ops import FORWARD
+from .ops import OPERATORS
 
 __all__ = ["masked_cross_attention", "KeepRun", "consecutive_keep", "random_keep", "keep_to_mask"]
 
 OP = "masked_cross_attention"
 MAX_HEAD_DIM = 256
-TRITON_HEAD_DIMS = (16, 32, 64, 128)
 CUDA_HEAD_DIMS = (16, 32, 64, 128)  # template instances in csrc/attention/kernels.cu
 # float64 runs on the reference (for gradcheck) and wherever a kernel accepts it.
 DTYPES = FLOAT_DTYPES + (torch.float64,)
@@ -89,27 +88,23 @@ def _check_inputs(q, k, v, keep) -> None:
 
 
 def _support(q: torch.Tensor) -> dict:
-    device = q.device
+    """The generic checks of the fused backends, plus the dtypes and head dims each compiles."""
+    checks = support("attention_forward", q.device)
 
-    def triton() -> Optional[str]:
-        reason = triton_support(device)()
-        if reason is not None:
-            return reason
-        if q.dtype not in FLOAT_DTYPES:
-            return f"dtype {q.dtype} is not one of {FLOAT_DTYPES}"
-        if q.shape[-1] not in TRITON_HEAD_DIMS:
-            return f"head dim D={q.shape[-1]} is not one of {TRITON_HEAD_DIMS}"
-        return None
-
-    def cuda() -> Optional[str]:
-        reason = extension_support("attention_forward", "CUDA", device)()
+    def narrowed(backend: str, head_dims) -> Optional[str]:
+        reason = checks[backend]()
         if reason is None and q.dtype not in FLOAT_DTYPES:
             reason = f"dtype {q.dtype} is not one of {FLOAT_DTYPES}"
-        if reason is None and q.shape[-1] not in CUDA_HEAD_DIMS:
-            reason = f"head dim D={q.shape[-1]} is not one of {CUDA_HEAD_DIMS}"
+        if reason is None and q.shape[-1] not in head_dims():
+            reason = f"head dim D={q.shape[-1]} is not one of {head_dims()}"
         return reason
 
-    return {"cpu": extension_support("attention_forward", "CPU", device), "cuda": cuda, "triton": triton}
+    def triton_head_dims():
+        from .triton import HEAD_DIMS  # imported by ops.py wherever this check can pass
+        return HEAD_DIMS
+
+    return {"cpu": checks["cpu"], "cuda": lambda: narrowed("cuda", lambda: CUDA_HEAD_DIMS),
+            "triton": lambda: narrowed("triton", triton_head_dims)}
 
 
 def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
@@ -145,6 +140,6 @@ def masked_cross_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ke
     if name == "torch":
         return reference.masked_cross_attention(q, k, v, keep, scale=scale)
     keep_index, keep_count, keep_is_run = compact_keep(keep, k.shape[1], q.device)
-    out, _lse = FORWARD[name](_last_dim_contiguous(q), _last_dim_contiguous(k), _last_dim_contiguous(v),
+    out, _lse = OPERATORS[name](_last_dim_contiguous(q), _last_dim_contiguous(k), _last_dim_contiguous(v),
                               keep_index, keep_count, keep_is_run, float(scale))
     return out

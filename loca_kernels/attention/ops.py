@@ -1,15 +1,16 @@
-"""Fake (meta) functions and autograd for the fused attention operators.
+"""Every operator of masked_cross_attention: fake (meta) functions and autograd, registered once.
 
 Every fused backend implements the same pair of schemas (csrc/ops.cpp):
 attention_forward -> (out, lse) and attention_backward -> (grad_q, grad_k, grad_v).
 The C++ pair serves the "cpu" and "cuda" backends (one operator, two dispatch keys);
-the Triton pair is defined in triton.py. Both get the same fake functions and autograd.
+the Triton pair (suffix _triton) is defined in triton.py. Both get the same fake functions
+and autograd.
 """
 from __future__ import annotations
 
 import torch
 
-from .._backends import EXTENSION_ERROR, TRITON_AVAILABLE
+from .._backends import fused_operators
 
 
 # Every fused backend returns contiguous tensors, whatever the strides of its inputs.
@@ -22,8 +23,9 @@ def _backward_fake(grad_out, q, k, v, out, lse, keep_index, keep_count, keep_is_
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
-def _register(forward_name: str, backward_name: str):
-    """Register fake functions and autograd for loca_kernels::<forward_name>; return it."""
+def _register(suffix: str):
+    """Register fake functions and autograd of attention_forward<suffix>; return it."""
+    forward_name, backward_name = "attention_forward" + suffix, "attention_backward" + suffix
     forward = getattr(torch.ops.loca_kernels, forward_name)
     backward = getattr(torch.ops.loca_kernels, backward_name)
 
@@ -47,11 +49,5 @@ def _register(forward_name: str, backward_name: str):
     return forward
 
 
-# backend name -> forward operator
-FORWARD = {}
-if EXTENSION_ERROR is None:
-    FORWARD["cpu"] = FORWARD["cuda"] = _register("attention_forward", "attention_backward")
-if TRITON_AVAILABLE:
-    from . import triton as _triton  # noqa: F401  (defines the Triton operators)
-
-    FORWARD["triton"] = _register("attention_forward_triton", "attention_backward_triton")
+# backend name -> the forward operator
+OPERATORS = fused_operators(_register, "loca_kernels.attention.triton")

@@ -12,15 +12,16 @@ and written once: deterministic, no atomics.
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-# The interpreter multiplies bf16 tl.dot operands as integers (ENVIRONMENT.md): compute
-# the dots in fp32 there.
-DOT_IN_FP32 = os.environ.get("TRITON_INTERPRET", "0") == "1"
+from .._backends import TRITON_INTERPRET
+
+# The interpreter multiplies bf16 tl.dot operands as integers: compute the dots in fp32 there.
+DOT_IN_FP32 = TRITON_INTERPRET
+# Head dims the kernels take (D is a block dimension: a power of two of at least 16 for tl.dot).
+HEAD_DIMS = (16, 32, 64, 128)
 
 
 @triton.jit
@@ -88,7 +89,8 @@ def _forward_kernel(q, k, v, out, lse, keep_index, keep_count,
     result = acc / tl.where(seen, total, 1.0)[:, None]
     tl.store(out + i * sob + h * soh + offs_m[:, None] * son + offs_d[None, :], result.to(out.dtype.element_ty),
              mask=row_ok[:, None])
-    tl.store(lse + row_head * nq + offs_m, tl.where(seen, peak + tl.log(tl.where(seen, total, 1.0)), float("-inf")), mask=row_ok)
+    row_lse = tl.where(seen, peak + tl.log(tl.where(seen, total, 1.0)), float("-inf"))
+    tl.store(lse + row_head * nq + offs_m, row_lse, mask=row_ok)
 
 
 @triton.jit

@@ -1,8 +1,9 @@
 """sinkhorn (SPEC.md section 4): balanced soft assignment of samples to prototypes.
 
 Home of the op: reference.py (the oracle, log domain), fused.py (the streaming driver over one
-backend's pass operator), distributed.py (sums over the ranks of a group). The pass operator:
-csrc/sinkhorn/cpu.cpp (C++), csrc/sinkhorn/kernels.cu (CUDA), triton.py (Triton).
+backend's pass operator), distributed.py (sums over the ranks of a group), ops.py (the pass
+operators and their fake function). The pass operator: csrc/sinkhorn/cpu.cpp (C++),
+csrc/sinkhorn/kernels.cu (CUDA), triton.py (Triton).
 """
 from __future__ import annotations
 
@@ -10,33 +11,15 @@ from typing import Optional
 
 import torch
 
-from .._backends import EXTENSION_ERROR, choose_backend, extension_support, triton_support
+from .._backends import choose_backend, support
 from .._validation import FLOAT_DTYPES, check_tensor, shape_str
 from . import fused, reference
+from .ops import OPERATORS
 
 __all__ = ["sinkhorn"]
 
 OP = "sinkhorn"
 MODES = ("loca", "swav")
-
-if EXTENSION_ERROR is None:
-    @torch.library.register_fake("loca_kernels::sinkhorn_pass")
-    def _pass_fake(scores, col_scale, inv_epsilon, normalize_rows, write):
-        result = scores.new_empty(scores.shape if write else scores.shape[1:], dtype=torch.float32)
-        return result, scores.new_empty((), dtype=torch.float32)
-
-
-def _support(device: torch.device) -> dict:
-    return {"cpu": extension_support("sinkhorn_pass", "CPU", device),
-            "cuda": extension_support("sinkhorn_pass", "CUDA", device), "triton": triton_support(device)}
-
-
-def _pass_operator(name: str):
-    if name == "triton":
-        from .triton import sinkhorn_pass_triton
-        return sinkhorn_pass_triton
-    return torch.ops.loca_kernels.sinkhorn_pass
-
 
 def sinkhorn(scores: torch.Tensor, *, epsilon: float = 0.05, iterations: int = 3, mode: str = "loca",
              group=None, backend: Optional[str] = None) -> torch.Tensor:
@@ -69,8 +52,8 @@ def sinkhorn(scores: torch.Tensor, *, epsilon: float = 0.05, iterations: int = 3
         raise ValueError(f"{OP}: iterations must be an int >= 0, got {iterations!r}")
     if mode not in MODES:
         raise ValueError(f"{OP}: mode must be one of {MODES}, got {mode!r}")
-    name = choose_backend(OP, backend, scores.device, _support(scores.device))
+    name = choose_backend(OP, backend, scores.device, support("sinkhorn_pass", scores.device))
     if name == "torch":
         return reference.sinkhorn(scores, epsilon=float(epsilon), iterations=iterations, mode=mode, group=group)
-    return fused.sinkhorn(_pass_operator(name), scores, epsilon=float(epsilon),
+    return fused.sinkhorn(OPERATORS[name], scores, epsilon=float(epsilon),
                           iterations=iterations, mode=mode, group=group)

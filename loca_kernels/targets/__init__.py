@@ -1,8 +1,8 @@
 """relative_position_targets (SPEC.md section 3) and gather_at_targets: checks and dispatch.
 
-Home of the op: reference.py (the oracle and its exact arithmetic), triton.py (Triton
-kernel), csrc/targets/ (C++ and CUDA kernels), geometry.py (LOCA view sampling and token
-dropping).
+Home of the op: reference.py (the oracle and its exact arithmetic), ops.py (its operators
+and fake functions), triton.py (Triton kernel), csrc/targets/ (C++ and CUDA kernels),
+geometry.py (LOCA view sampling).
 """
 from __future__ import annotations
 
@@ -10,29 +10,14 @@ from typing import Optional
 
 import torch
 
-from .._backends import EXTENSION_ERROR, TRITON_AVAILABLE, choose_backend, extension_support, triton_support
+from .._backends import choose_backend, support
 from .._validation import check_grid, check_same_device, check_tensor, shape_str, values_checkable
 from . import reference
-
-if TRITON_AVAILABLE:
-    from . import triton as _triton  # noqa: F401  (defines the Triton operator)
+from .ops import OPERATORS
 
 __all__ = ["relative_position_targets", "gather_at_targets"]
 
 OP = "relative_position_targets"
-
-if EXTENSION_ERROR is None:
-    @torch.library.register_fake("loca_kernels::relative_position_targets")
-    def _targets_fake(query_boxes, ref_boxes, query_grid, ref_grid, query_flip, ref_flip, query_rot90,
-                      ignore_index):
-        b, v = query_boxes.shape[:2]
-        return query_boxes.new_empty((b, v, query_grid[0] * query_grid[1]), dtype=torch.int64)
-
-
-def _support(device: torch.device) -> dict:
-    return {"cpu": extension_support(OP, "CPU", device), "triton": triton_support(device),
-            "cuda": extension_support(OP, "CUDA", device)}
-
 
 def _optional_per_view(name: str, x, shape: tuple, device, dtype_kind: str) -> torch.Tensor:
     """A flag or turn tensor of `shape`, zeros when None."""
@@ -100,14 +85,12 @@ def relative_position_targets(query_boxes: torch.Tensor, ref_boxes: torch.Tensor
     query_flip = _optional_per_view("query_flip", query_flip, (b, v), device, "bool")
     ref_flip = _optional_per_view("ref_flip", ref_flip, (b,), device, "bool")
     query_rot90 = _optional_per_view("query_rot90", query_rot90, (b, v), device, "int")
-    name = choose_backend(OP, backend, device, _support(device))
+    name = choose_backend(OP, backend, device, support(OP, device))
     if name == "torch":
         return reference.relative_position_targets(query_boxes, ref_boxes, query_grid, ref_grid, query_flip,
                                                    ref_flip, query_rot90, ignore_index)
-    fused = torch.ops.loca_kernels.relative_position_targets_triton if name == "triton" else \
-        torch.ops.loca_kernels.relative_position_targets
-    return fused(query_boxes, ref_boxes, list(query_grid),
-                 list(ref_grid), query_flip, ref_flip, query_rot90, ignore_index)
+    return OPERATORS[name](query_boxes, ref_boxes, list(query_grid), list(ref_grid), query_flip, ref_flip,
+                           query_rot90, ignore_index)
 
 
 def gather_at_targets(values: torch.Tensor, targets: torch.Tensor, *, ignore_index: int = -1,

@@ -59,18 +59,3 @@ def sample_flips(batch: int, num_views: int, p: float = 0.5, *,
                  generator: Optional[torch.Generator] = None) -> torch.Tensor:
     """Left-right flip flags (batch, num_views) bool, each True with probability p."""
     return torch.rand(batch, num_views, generator=generator) < p
-
-
-def drop_tokens(targets: torch.Tensor, num_keep: int, *, generator: Optional[torch.Generator] = None):
-    """Keep a uniform random subset of num_keep tokens per row of targets (B, N).
-
-    Returns (kept_index int64 (B, num_keep) sorted ascending, kept_targets (B, num_keep))."""
-    if not isinstance(targets, torch.Tensor) or targets.dim() != 2:
-        raise ValueError(f"drop_tokens: targets must be a (B, N) tensor, got "
-                         f"{tuple(targets.shape) if isinstance(targets, torch.Tensor) else type(targets).__name__}")
-    b, n = targets.shape
-    if not 1 <= num_keep <= n:
-        raise ValueError(f"drop_tokens: num_keep must be in [1, {n}], got {num_keep}")
-    noise = torch.rand(b, n, generator=generator)
-    kept = noise.argsort(dim=1)[:, :num_keep].sort(dim=1).values.to(targets.device)
-    return kept, targets.gather(1, kept)

@@ -1,5 +1,5 @@
 """Triton kernel of relative_position_targets, defined as the operator
-loca_kernels::relative_position_targets_triton: one program per query view, one lane per
+loca_kernels::relative_position_targets_triton (fake function in ops.py): one program per query view, one lane per
 patch, the reference's float64 arithmetic in the same order (FMA fusion off; float64
 division lowers to the correctly rounded div.rn.f64), so that the result is identical element
 for element."""
@@ -64,9 +64,3 @@ def relative_position_targets_triton(query_boxes: torch.Tensor, ref_boxes: torch
                               query_rot90.to(torch.int32).contiguous(), out, v, hq, wq, hr, wr, ignore_index,
                               BLOCK=triton.next_power_of_2(hq * wq), **COMPILE_OPTIONS)
     return out
-
-
-@relative_position_targets_triton.register_fake
-def _(query_boxes, ref_boxes, query_grid, ref_grid, query_flip, ref_flip, query_rot90, ignore_index):
-    b, v = query_boxes.shape[:2]
-    return query_boxes.new_empty((b, v, query_grid[0] * query_grid[1]), dtype=torch.int64)
