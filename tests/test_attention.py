@@ -85,70 +85,57 @@ def _base():
     return make(2, 3, 4, 5, 2, 8, dtype=torch.float32)
 
 
-@pytest.mark.parametrize("case,kind,match", [
-    ("rank", ValueError, r"q must have 4 dimensions \(B, N, H, D\), got shape \(6, 4, 8\)"),
-    ("multiple", ValueError, r"Bq=6 \(q.shape\[0\]\) must be a multiple of Bk=4"),
-    ("heads", ValueError, "q has H=2, D=8 but k has H=3, D=8"),
-    ("dim", ValueError, "q has H=2, D=8 but k has H=2, D=4"),
-    ("kv_shape", ValueError, "k and v must have the same shape"),
-    ("dtype_mix", TypeError, "must share one dtype"),
-    ("int_q", TypeError, r"q must have dtype in \(float32, float16, bfloat16, float64\), got torch.int64"),
-    ("keep_rows", ValueError, r"keep must have R in \(1, Bk=2, Bq=6\) rows, got shape \(4, 5\)"),
-    ("keep_cols", ValueError, r"bool keep must have shape \(R, Nk=5\), got \(2, 6\)"),
-    ("keep_float", TypeError, "keep must be a bool mask or an integer index tensor, got torch.float32"),
-    ("keep_range", ValueError, r"keep positions out of range: expected values in \[0, 5\)"),
-    ("keep_negative", ValueError, "keep positions out of range"),
-    ("keep_repeat", ValueError, "keep positions must be distinct"),
-    ("run_range", ValueError, "keep run positions out of range"),
-    ("device", ValueError, "k is on meta but q is on cpu"),
-    ("keep_device", ValueError, "keep is on meta but q is on cpu"),
-    ("not_tensor", TypeError, "v must be a torch.Tensor, got list"),
-    ("head_dim", ValueError, "head dim D=300 is larger than the supported 256"),
-    ("backend", ValueError, "backend must be None or one of"),
-])
-def test_errors(case, kind, match):
+def _zeros(*shape):
+    return torch.zeros(*shape)
+
+
+# case: (arguments replaced in the base call, error type, message). Base: q (6, 4, 2, 8),
+# k and v (2, 5, 2, 8) float32, keep None.
+ERRORS = {
+    "rank": (lambda q, k, v: dict(q=q[:, :, 0]), ValueError,
+             r"q must have 4 dimensions \(B, N, H, D\), got shape \(6, 4, 8\)"),
+    "multiple": (lambda q, k, v: dict(k=_zeros(4, 5, 2, 8), v=_zeros(4, 5, 2, 8)), ValueError,
+                 r"Bq=6 \(q.shape\[0\]\) must be a multiple of Bk=4"),
+    "heads": (lambda q, k, v: dict(k=_zeros(2, 5, 3, 8), v=_zeros(2, 5, 3, 8)), ValueError,
+              "q has H=2, D=8 but k has H=3, D=8"),
+    "dim": (lambda q, k, v: dict(k=_zeros(2, 5, 2, 4), v=_zeros(2, 5, 2, 4)), ValueError,
+            "q has H=2, D=8 but k has H=2, D=4"),
+    "kv_shape": (lambda q, k, v: dict(v=_zeros(2, 6, 2, 8)), ValueError, "k and v must have the same shape"),
+    "dtype_mix": (lambda q, k, v: dict(v=v.half()), TypeError, "must share one dtype"),
+    "int_q": (lambda q, k, v: dict(q=q.long()), TypeError,
+              r"q must have dtype in \(float32, float16, bfloat16, float64\), got torch.int64"),
+    "keep_rows": (lambda q, k, v: dict(keep=torch.ones(4, 5, dtype=torch.bool)), ValueError,
+                  r"keep must have R in \(1, Bk=2, Bq=6\) rows, got shape \(4, 5\)"),
+    "keep_cols": (lambda q, k, v: dict(keep=torch.ones(2, 6, dtype=torch.bool)), ValueError,
+                  r"bool keep must have shape \(R, Nk=5\), got \(2, 6\)"),
+    "keep_float": (lambda q, k, v: dict(keep=torch.ones(2, 5)), TypeError,
+                   "keep must be a bool mask or an integer index tensor, got torch.float32"),
+    "keep_range": (lambda q, k, v: dict(keep=torch.tensor([[0, 5], [1, 2]])), ValueError,
+                   r"keep positions out of range: expected values in \[0, 5\)"),
+    "keep_negative": (lambda q, k, v: dict(keep=torch.tensor([[0, -1], [1, 2]])), ValueError,
+                      "keep positions out of range"),
+    "keep_repeat": (lambda q, k, v: dict(keep=torch.tensor([[1, 1], [1, 2]])), ValueError,
+                    "keep positions must be distinct"),
+    "run_range": (lambda q, k, v: dict(keep=lk.KeepRun(torch.tensor([3, 0]), 3)), ValueError,
+                  "keep run positions out of range"),
+    "device": (lambda q, k, v: dict(k=k.to("meta")), ValueError, "k is on meta but q is on cpu"),
+    "keep_device": (lambda q, k, v: dict(keep=torch.ones(2, 5, dtype=torch.bool, device="meta")), ValueError,
+                    "keep is on meta but q is on cpu"),
+    "not_tensor": (lambda q, k, v: dict(v=v.tolist()), TypeError, "v must be a torch.Tensor, got list"),
+    "head_dim": (lambda q, k, v: dict(q=_zeros(2, 1, 1, 300), k=_zeros(2, 1, 1, 300), v=_zeros(2, 1, 1, 300)),
+                 ValueError, "head dim D=300 is larger than the supported 256"),
+    "backend": (lambda q, k, v: dict(backend="fast"), ValueError, "backend must be None or one of"),
+}
+
+
+@pytest.mark.parametrize("case", ERRORS)
+def test_errors(case):
+    replace, kind, match = ERRORS[case]
     q, k, v = _base()
-    keep, kwargs = None, {}
-    if case == "rank":
-        q = q[:, :, 0]
-    elif case == "multiple":
-        k, v = torch.zeros(4, 5, 2, 8), torch.zeros(4, 5, 2, 8)
-    elif case == "heads":
-        k, v = torch.zeros(2, 5, 3, 8), torch.zeros(2, 5, 3, 8)
-    elif case == "dim":
-        k, v = torch.zeros(2, 5, 2, 4), torch.zeros(2, 5, 2, 4)
-    elif case == "kv_shape":
-        v = torch.zeros(2, 6, 2, 8)
-    elif case == "dtype_mix":
-        v = v.half()
-    elif case == "int_q":
-        q = q.long()
-    elif case == "keep_rows":
-        keep = torch.ones(4, 5, dtype=torch.bool)
-    elif case == "keep_cols":
-        keep = torch.ones(2, 6, dtype=torch.bool)
-    elif case == "keep_float":
-        keep = torch.ones(2, 5)
-    elif case == "keep_range":
-        keep = torch.tensor([[0, 5], [1, 2]])
-    elif case == "keep_negative":
-        keep = torch.tensor([[0, -1], [1, 2]])
-    elif case == "keep_repeat":
-        keep = torch.tensor([[1, 1], [1, 2]])
-    elif case == "run_range":
-        keep = lk.KeepRun(torch.tensor([3, 0]), 3)
-    elif case == "device":
-        k = k.to("meta")
-    elif case == "keep_device":
-        keep = torch.ones(2, 5, dtype=torch.bool, device="meta")
-    elif case == "not_tensor":
-        v = v.tolist()
-    elif case == "head_dim":
-        q, k, v = torch.zeros(2, 1, 1, 300), torch.zeros(2, 1, 1, 300), torch.zeros(2, 1, 1, 300)
-    elif case == "backend":
-        kwargs["backend"] = "fast"
+    args = dict(q=q, k=k, v=v, keep=None)
+    args.update(replace(q, k, v))
     with pytest.raises(kind, match=match):
-        lk.masked_cross_attention(q, k, v, keep, **kwargs)
+        lk.masked_cross_attention(**args)
 
 
 def test_inputs_are_not_written():
