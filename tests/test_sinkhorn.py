@@ -182,44 +182,50 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _rank_main(rank, world, port, scores, mode, iterations, backend, results):
+# scale 0.5: x = scores / epsilon spreads over ~60, the fast path; scale 3: over ~400, where
+# pass 0 underflows and is redone in the log domain (two more all-reduces).
+GLOO_CASES = [("loca", 3, 0.5), ("swav", 3, 0.5), ("swav", 0, 0.5), ("loca", 3, 3.0), ("swav", 3, 3.0)]
+
+
+def _rank_main(rank, world, port, backend, results):
+    """Every case of GLOO_CASES in one process group (starting processes is the slow part)."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
-    calls = []
     all_reduce = dist.all_reduce
-
-    def counted(tensor, *args, **kwargs):
-        calls.append(tensor.numel())
-        return all_reduce(tensor, *args, **kwargs)
-
-    dist.all_reduce = counted
     try:
-        rows = scores.tensor_split(world)[rank]
-        got = lk.sinkhorn(rows, iterations=iterations, mode=mode, group=dist.group.WORLD, backend=backend)
-        results[rank] = (got, calls)
+        for mode, iterations, scale in GLOO_CASES:
+            calls = []
+
+            def counted(tensor, *args, **kwargs):
+                calls.append(tensor.numel())
+                return all_reduce(tensor, *args, **kwargs)
+
+            dist.all_reduce = counted
+            rows = random_scores(37, 11, scale=scale, seed=5).tensor_split(world)[rank]
+            got = lk.sinkhorn(rows, iterations=iterations, mode=mode, group=dist.group.WORLD, backend=backend)
+            dist.all_reduce = all_reduce
+            results[(rank, mode, iterations, scale)] = (got, calls)
     finally:
         dist.all_reduce = all_reduce
         dist.destroy_process_group()
 
 
-# scale 0.5: x = scores / epsilon spreads over ~60, the fast path; scale 3: over ~400, where
-# pass 0 underflows and is redone in the log domain (two more all-reduces).
-@pytest.mark.parametrize("mode,iterations,scale", [("loca", 3, 0.5), ("swav", 3, 0.5), ("swav", 0, 0.5),
-                                                   ("loca", 3, 3.0), ("swav", 3, 3.0)])
 @pytest.mark.parametrize("backend,device", BACKENDS)
-def test_two_gloo_ranks_equal_one_process_on_the_concatenated_scores(mode, iterations, scale, backend, device):
+def test_two_gloo_ranks_equal_one_process_on_the_concatenated_scores(backend, device):
     if device == "cuda":
         pytest.skip("gloo test runs on CPU tensors")
-    scores = random_scores(37, 11, scale=scale, seed=5)
     results = mp.Manager().dict()
-    mp.spawn(_rank_main, args=(2, _free_port(), scores, mode, iterations, backend, results), nprocs=2, join=True)
-    together = torch.cat([results[0][0], results[1][0]])
-    assert_close(together, textbook(scores, 0.05, iterations, mode), torch.float32)
-    if backend != "torch" and iterations > 0 and scale < 1:
-        # One all-reduce of K (+ the row count) per iteration; SwAV adds the max for its shift.
-        calls = results[0][1]
-        assert [size for size in calls if size > 1] == [11 + 1] + [11] * (iterations - 1)
-        assert len(calls) == iterations + (mode == "swav")
+    mp.spawn(_rank_main, args=(2, _free_port(), backend, results), nprocs=2, join=True)
+    for mode, iterations, scale in GLOO_CASES:
+        case = f"{mode}, iterations={iterations}, scale={scale}"
+        together = torch.cat([results[(0, mode, iterations, scale)][0], results[(1, mode, iterations, scale)][0]])
+        assert_close(together, textbook(random_scores(37, 11, scale=scale, seed=5), 0.05, iterations, mode),
+                     torch.float32, name=case)
+        if backend != "torch" and iterations > 0 and scale < 1:
+            # One all-reduce of K (+ the row count) per iteration; SwAV adds the max for its shift.
+            calls = results[(0, mode, iterations, scale)][1]
+            assert [size for size in calls if size > 1] == [11 + 1] + [11] * (iterations - 1), case
+            assert len(calls) == iterations + (mode == "swav"), case
 
 
 @pytest.mark.parametrize("write", [False, True])
