@@ -150,15 +150,25 @@ def usage_error(message: str):
     raise SystemExit(2)
 
 
-class _Parser(argparse.ArgumentParser):
+class Parser(argparse.ArgumentParser):
+    """An argparse parser whose errors are one usage_error line, without the long usage text."""
+
     def error(self, message: str):
-        usage_error(message)    # one line, without the long usage text
+        usage_error(message)
+
+
+def config_from_dict(values: dict) -> Config:
+    """The Config whose fields `values` holds (as written by dataclasses.asdict, to JSON or to a
+    checkpoint); other keys are ignored."""
+    names = {f.name for f in fields(Config)}
+    return Config(**{key: tuple(value) if isinstance(value, list) else value
+                     for key, value in values.items() if key in names})
 
 
 def parse_args(argv=None) -> Config:
     """Parse `python -m loca_train` arguments: --preset, then any Config field as --field-name.
     Invalid settings exit with status 2 and a one-line `loca_train: error: ...`."""
-    parser = _Parser(
+    parser = Parser(
         prog="python -m loca_train",
         description="LOCA pretraining (location-aware self-supervised ViT) using loca_kernels. "
                     "Pick a preset, then override any setting; defaults shown are the tiny preset's.",
