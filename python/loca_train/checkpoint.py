@@ -7,12 +7,15 @@ Everything in a checkpoint is tensors or plain Python data, so it loads with
 from __future__ import annotations
 
 import os
+import pickle
 import random
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 import torch
+
+from .config import UsageError
 
 CHECKPOINT_NAME = "checkpoint.pt"
 
@@ -61,4 +64,8 @@ def load(path: Path) -> Optional[dict]:
     path = Path(path)
     if not path.exists():
         return None
-    return torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise UsageError(f"{path} holds more than tensors and plain data (written by an older "
+                         f"loca_train?); it is not loaded") from None
