@@ -86,6 +86,15 @@ class ImageFolder:
                            f"--skip-bad-images skips such images") from None
         return data.view(height, width, 3).permute(2, 0, 1).contiguous()
 
+    def decode_error(self, index: int) -> BadImage:
+        """The error of image `index`, decoded again here: loader processes report only indices."""
+        try:
+            self[index]
+        except BadImage as error:
+            return error
+        return BadImage(f"cannot decode image {self.files[index]} in a loader process; "
+                        f"--skip-bad-images skips such images")
+
 
 class BadImage(UsageError):
     """An image file of an ImageFolder that cannot be decoded."""

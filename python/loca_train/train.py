@@ -55,8 +55,7 @@ class StopRequest:
 
 
 def _device_type(cfg: Config) -> str:
-    """"cuda" or "cpu" (or another torch device type) for cfg.device; UsageError when the
-    device named cannot be used here."""
+    """The device type ("cuda", "cpu", ...) of cfg.device; UsageError when it cannot be used here."""
     if cfg.device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     try:
@@ -217,7 +216,7 @@ def train(cfg: Config) -> dict:
         for step, batch in zip(range(start_step, cfg.steps), loader):
             for index in batch.bad_images.tolist():
                 if not cfg.skip_bad_images:
-                    images[index]   # raises the BadImage error naming the file, here in the main process
+                    raise images.decode_error(index)
                 if images.files[index] not in skipped:
                     skipped.add(images.files[index])
                     print(f"loca_train: skipped {images.files[index]} (cannot be decoded)", file=sys.stderr)
