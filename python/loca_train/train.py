@@ -278,7 +278,9 @@ def train(cfg: Config) -> dict:
             print(f"\nloca_train: stopped by signal {stopped} after step {step} ({format_duration(wall)}); "
                   f"checkpoint saved, continue with --resume --output-dir {out}", flush=True)
         else:
-            print(f"loca_train: done in {format_duration(wall)}: results in {out}/ (summary.json, "
-                  f"log.jsonl, checkpoint.pt, config.json)", flush=True)
+            written = [name for name in ("summary.json", LOG_NAME, checkpoint.CHECKPOINT_NAME, "config.json")
+                       if (out / name).exists()]
+            print(f"loca_train: done in {format_duration(wall)}: results in {out}/ ({', '.join(written)})",
+                  flush=True)
     return result
 
