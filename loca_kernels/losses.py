@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._validation import FLOAT_DTYPES, check_same_device, check_tensor, shape_str, values_checkable
+from .sinkhorn.distributed import sum_over_ranks
 from .targets import gather_at_targets
 
 __all__ = ["LocaLoss"]
@@ -33,6 +34,21 @@ def _per_patch(logits: torch.Tensor, targets: torch.Tensor, name: str) -> torch.
 def _masked_mean(values: torch.Tensor, valid: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
     # where(), not multiplication: an ignored patch adds exactly 0, even where its value overflowed.
     return torch.where(valid, values, 0.0).sum() / count.clamp_min(1)
+
+
+class _SumOverRanks(torch.autograd.Function):
+    """Sum over the ranks of a group whose backward is the sum over ranks as well: every rank's
+    output depends on every rank's input. (torch.distributed.nn.functional.all_reduce does
+    the same but is deprecated.)"""
+
+    @staticmethod
+    def forward(ctx, local: torch.Tensor, group) -> torch.Tensor:
+        ctx.group = group
+        return sum_over_ranks(local, group)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return sum_over_ranks(grad.contiguous(), ctx.group), None
 
 
 class LocaLoss(nn.Module):
@@ -138,10 +154,7 @@ class LocaLoss(nn.Module):
         summed = torch.where(kept, log_q.exp(), 0.0).sum(dim=(0, 1, 2))          # (K,)
         totals = torch.cat([summed, count.reshape(1)])
         if self.group is not None:
-            # Imported here: torch builds without torch.distributed still run the loss.
-            import torch.distributed.nn.functional as dist_fn
-
-            totals = dist_fn.all_reduce(totals, group=self.group)
+            totals = _SumOverRanks.apply(totals, self.group)
         mean_prediction = totals[:k] / totals[k].clamp_min(1)
         # Clamped log: an empty mean (or an underflowed prototype) contributes 0, never NaN.
         mean_entropy = (mean_prediction * mean_prediction.clamp_min(torch.finfo(torch.float32).tiny).log()).sum()

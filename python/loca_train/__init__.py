@@ -1,9 +1,10 @@
 """loca_train: a small, faithful LOCA pretraining application built on loca_kernels.
 
 Run `python -m loca_train --help`. `train(config)` runs training from Python; `preset(name,
-**overrides)` builds a Config.
+**overrides)` builds a Config; settings or inputs to fix raise UsageError (a ValueError).
+`python -m loca_train.export --run-dir R` writes the teacher encoder of a run.
 """
-from .config import PRESETS, Config, parse_args, preset
+from .config import PRESETS, Config, UsageError, parse_args, preset
 from .train import train
 
-__all__ = ["Config", "PRESETS", "preset", "parse_args", "train"]
+__all__ = ["Config", "PRESETS", "UsageError", "preset", "parse_args", "train"]

@@ -17,6 +17,7 @@ from loca_kernels import consecutive_keep, random_keep
 from loca_kernels.targets.geometry import sample_boxes, sample_flips
 
 from .config import Config
+from .images import BadImage
 
 # Official LOCA jitter strengths: brightness, contrast, saturation, hue.
 JITTER_STRENGTH = (0.4, 0.4, 0.2, 0.1)
@@ -33,6 +34,7 @@ class Batch(NamedTuple):
     ref_visible_start: torch.Tensor  # int64 (1,): first visible reference token, shared by the batch
     jitter: torch.Tensor        # float (1 + V, B, 4): brightness, contrast, saturation, hue shift
     grayscale: torch.Tensor     # bool (1 + V, B); row 0 is the reference view
+    bad_images: torch.Tensor    # int64 (n,): images that could not be decoded, replaced by others
 
     def to(self, device: torch.device) -> "Batch":
         return Batch(*(t.to(device, non_blocking=True) for t in self))
@@ -63,7 +65,8 @@ class StepBatches(torch.utils.data.Dataset):
     def __getitem__(self, step: int) -> Batch:
         cfg, batch = self.cfg, self.cfg.batch_size
         first = (step * self.world_size + self.rank) * batch
-        images = [self.images[self._image_index(first + i)] for i in range(batch)]
+        bad = []
+        images = [self._decodable_image(self._image_index(first + i), bad) for i in range(batch)]
         g = step_generator(cfg.seed, step, self.rank)
         ref_boxes, query_boxes = [], []
         for image in images:
@@ -88,7 +91,20 @@ class StepBatches(torch.utils.data.Dataset):
                                                generator=g, as_run=True).start,
             jitter=_jitter(1 + num_views, batch, cfg.color_jitter, g),
             grayscale=torch.rand(1 + num_views, batch, generator=g) < cfg.grayscale,
+            bad_images=torch.tensor(bad, dtype=torch.int64),
         )
+
+    def _decodable_image(self, index: int, bad: list) -> torch.Tensor:
+        """Image `index`, or when it cannot be decoded the next one (in file order) that can,
+        with the skipped indices appended to `bad`: the batch stays a function of the step.
+        The training loop decides whether skipping is allowed."""
+        for _ in range(len(self.images)):
+            try:
+                return self.images[index]
+            except BadImage:
+                bad.append(index)
+                index = (index + 1) % len(self.images)
+        raise BadImage("no image of the data set can be decoded")
 
 
 def reference_visible_tokens(cfg: Config) -> int:

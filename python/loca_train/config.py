@@ -3,8 +3,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import sys
 from dataclasses import dataclass, field, fields
 from typing import Optional, Tuple
+
+
+class UsageError(ValueError):
+    """A setting or input that the user has to fix; the command line reports it in one line and
+    exits with status 2, as argparse does."""
 
 
 def setting(default, help_text: str):
@@ -69,6 +75,9 @@ class Config:
     checkpoint_every: int = setting(100, "steps between checkpoints (also written on SIGINT/SIGTERM "
                                          "and at the end)")
     resume: bool = setting(False, "continue from the checkpoint in output_dir")
+    overwrite: bool = setting(False, "replace the run already in output_dir (its log and checkpoint)")
+    skip_bad_images: bool = setting(False, "skip --data images that cannot be decoded (counted in "
+                                           "summary.json) instead of stopping")
     log_every: int = setting(10, "period of the progress line and of the step whose kernel time is measured")
     progress: bool = setting(True, "show a progress bar")
 
@@ -93,10 +102,10 @@ PRESETS = {
 def preset(name: str, **overrides) -> Config:
     """The Config of preset `name` with `overrides` applied (field name -> value)."""
     if name not in PRESETS:
-        raise ValueError(f"loca_train: unknown preset {name!r}, expected one of {sorted(PRESETS)}")
+        raise UsageError(f"unknown preset {name!r}, expected one of {sorted(PRESETS)}")
     unknown = set(overrides) - {f.name for f in fields(Config)}
     if unknown:
-        raise ValueError(f"loca_train: unknown settings {sorted(unknown)}")
+        raise UsageError(f"unknown settings {sorted(unknown)}")
     cfg = dataclasses.replace(Config(), **{**PRESETS[name], **overrides}, preset=name)
     validate(cfg)
     return cfg
@@ -106,23 +115,28 @@ def validate(cfg: Config) -> None:
     """Reject settings that cannot describe a LOCA run, naming the setting."""
     for name in ("image_size", "focal_size"):
         if getattr(cfg, name) % cfg.patch_size:
-            raise ValueError(f"loca_train: {name}={getattr(cfg, name)} must be a multiple of "
+            raise UsageError(f"{name}={getattr(cfg, name)} must be a multiple of "
                              f"patch_size={cfg.patch_size}")
     query_tokens = (cfg.image_size // cfg.patch_size) ** 2
     if not 1 <= cfg.query_tokens_kept <= query_tokens:
-        raise ValueError(f"loca_train: query_tokens_kept must be in [1, {query_tokens}], "
+        raise UsageError(f"query_tokens_kept must be in [1, {query_tokens}], "
                          f"got {cfg.query_tokens_kept}")
     if not 0 < cfg.reference_visible <= 1:
-        raise ValueError(f"loca_train: reference_visible must be in (0, 1], got {cfg.reference_visible}")
+        raise UsageError(f"reference_visible must be in (0, 1], got {cfg.reference_visible}")
     if cfg.embed_dim % cfg.num_heads:
-        raise ValueError(f"loca_train: embed_dim={cfg.embed_dim} must be divisible by "
+        raise UsageError(f"embed_dim={cfg.embed_dim} must be divisible by "
                          f"num_heads={cfg.num_heads}")
     if cfg.source_size < cfg.image_size // 2:
-        raise ValueError(f"loca_train: source_size={cfg.source_size} is far below image_size="
+        raise UsageError(f"source_size={cfg.source_size} is far below image_size="
                          f"{cfg.image_size}; crops would be blown-up blurs")
-    for name in ("steps", "batch_size"):
-        if getattr(cfg, name) < 1:
-            raise ValueError(f"loca_train: {name} must be >= 1, got {getattr(cfg, name)}")
+    if cfg.batch_size < 1:
+        raise UsageError(f"batch_size must be >= 1, got {cfg.batch_size}")
+    if cfg.steps < 0:
+        raise UsageError(f"steps must be >= 0, got {cfg.steps}")
+    if cfg.lr <= 0:
+        raise UsageError(f"lr must be > 0, got {cfg.lr}")
+    if cfg.resume and cfg.overwrite:
+        raise UsageError("--resume continues the run in output_dir, --overwrite replaces it: give one")
 
 
 def _flag_type(field_type: str):
@@ -130,9 +144,31 @@ def _flag_type(field_type: str):
     return {"int": int, "float": float, "str": str}[base]
 
 
+def usage_error(message: str):
+    """Report a user error as argparse does (one line on stderr, exit status 2)."""
+    sys.stderr.write(f"loca_train: error: {message}\n")
+    raise SystemExit(2)
+
+
+class Parser(argparse.ArgumentParser):
+    """An argparse parser whose errors are one usage_error line, without the long usage text."""
+
+    def error(self, message: str):
+        usage_error(message)
+
+
+def config_from_dict(values: dict) -> Config:
+    """The Config whose fields `values` holds (as written by dataclasses.asdict, to JSON or to a
+    checkpoint); other keys are ignored."""
+    names = {f.name for f in fields(Config)}
+    return Config(**{key: tuple(value) if isinstance(value, list) else value
+                     for key, value in values.items() if key in names})
+
+
 def parse_args(argv=None) -> Config:
-    """Parse `python -m loca_train` arguments: --preset, then any Config field as --field-name."""
-    parser = argparse.ArgumentParser(
+    """Parse `python -m loca_train` arguments: --preset, then any Config field as --field-name.
+    Invalid settings exit with status 2 and a one-line `loca_train: error: ...`."""
+    parser = Parser(
         prog="python -m loca_train",
         description="LOCA pretraining (location-aware self-supervised ViT) using loca_kernels. "
                     "Pick a preset, then override any setting; defaults shown are the tiny preset's.",
@@ -159,4 +195,7 @@ def parse_args(argv=None) -> Config:
     name = args.pop("preset")
     overrides = {key: (tuple(value) if isinstance(value, list) else value)
                  for key, value in args.items() if value is not None}
-    return preset(name, **overrides)
+    try:
+        return preset(name, **overrides)
+    except UsageError as error:
+        parser.error(str(error))

@@ -12,6 +12,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from .config import UsageError
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
 
@@ -62,21 +64,40 @@ class ImageFolder:
         self.size = size
         self.files = sorted(str(p) for p in Path(root).rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
         if not self.files:
-            raise ValueError(f"loca_train: no images ({', '.join(IMAGE_EXTENSIONS)}) under {root!r}")
+            raise UsageError(f"--data {root}: no images ({', '.join(IMAGE_EXTENSIONS)}) in it")
 
     def __len__(self) -> int:
         return len(self.files)
 
     def __getitem__(self, index: int) -> torch.Tensor:
+        """The image `index`; BadImage when its file cannot be decoded."""
         from PIL import Image  # only needed for image folders
 
-        with Image.open(self.files[index]) as img:
-            img = img.convert("RGB")
-            scale = self.size / max(img.size)
-            width, height = (max(1, round(side * scale)) for side in img.size)
-            img = img.resize((width, height), Image.BICUBIC)
-            data = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8)
+        try:
+            with Image.open(self.files[index]) as img:
+                img = img.convert("RGB")
+                scale = self.size / max(img.size)
+                width, height = (max(1, round(side * scale)) for side in img.size)
+                img = img.resize((width, height), Image.BICUBIC)
+                data = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8)
+        # What PIL raises for unreadable, truncated, unknown or oversized files.
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
+            raise BadImage(f"cannot decode image {self.files[index]} ({error}); "
+                           f"--skip-bad-images skips such images") from None
         return data.view(height, width, 3).permute(2, 0, 1).contiguous()
+
+    def decode_error(self, index: int) -> BadImage:
+        """The error of image `index`, decoded again here: loader processes report only indices."""
+        try:
+            self[index]
+        except BadImage as error:
+            return error
+        return BadImage(f"cannot decode image {self.files[index]} in a loader process; "
+                        f"--skip-bad-images skips such images")
+
+
+class BadImage(UsageError):
+    """An image file of an ImageFolder that cannot be decoded."""
 
 
 def open_images(data, num_images: int, size: int, seed: int):
@@ -84,5 +105,5 @@ def open_images(data, num_images: int, size: int, seed: int):
     if data is None:
         return ProceduralImages(num_images, size, seed)
     if not os.path.isdir(data):
-        raise ValueError(f"loca_train: --data must be a directory of images, got {data!r}")
+        raise UsageError(f"--data {data}: {'not a directory' if os.path.exists(data) else 'no such directory'}")
     return ImageFolder(data, size)

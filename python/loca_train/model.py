@@ -69,16 +69,19 @@ class Encoder(nn.Module):
         """images (B, 3, H, W) -> tokens (B, N, dim) in raster order; with kept (B, n) int64,
         only those token positions are encoded (dropped before the first block)."""
         x = self.patch_embed(images)
-        pos = self.pos_embed
-        if pos.shape[-2:] != x.shape[-2:]:
-            pos = F.interpolate(pos, size=x.shape[-2:], mode="bilinear", align_corners=False,
-                                antialias=True)
-        x = (x + pos).flatten(2).transpose(1, 2)
+        x = (x + resize_pos_embed(self.pos_embed, x.shape[-2:])).flatten(2).transpose(1, 2)
         if kept is not None:
             x = x.gather(1, kept[..., None].expand(-1, -1, x.shape[-1]))
         for block in self.blocks:
             x = block(x)
         return self.norm(x)
+
+
+def resize_pos_embed(pos: torch.Tensor, grid) -> torch.Tensor:
+    """Positional embeddings (1, dim, h, w) at another grid (h', w'): bilinear, antialiased."""
+    if tuple(pos.shape[-2:]) == tuple(grid):
+        return pos
+    return F.interpolate(pos, size=tuple(grid), mode="bilinear", align_corners=False, antialias=True)
 
 
 class QueryOutputs(NamedTuple):

@@ -7,6 +7,7 @@ import dataclasses
 import json
 import os
 import signal
+import sys
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -14,20 +15,20 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-import loca_kernels
 from loca_kernels.losses import LocaLoss
 
 from . import checkpoint
 from .batches import batch_loader
-from .config import Config
-from .images import open_images
+from .config import Config, UsageError
+from .images import ImageFolder, open_images
 from .model import LocaNet
-from .monitor import KernelTimer, ProgressBar, StepLog, summary
+from .monitor import KernelTimer, ProgressBar, StepLog, format_duration, kernels_in_words, summary, versions
 from .objective import loca_forward
 from .schedules import lr_factor, teacher_momentum, update_teacher
 
 # Fields of a step record that measure time: they differ between runs, nothing else may.
 TIMING_FIELDS = ("images_per_s", "time_data", "time_forward_backward", "time_step", "time_kernels")
+LOG_NAME = "log.jsonl"
 
 
 class StopRequest:
@@ -53,13 +54,42 @@ class StopRequest:
             signal.signal(sig, handler)
 
 
+def _device_type(cfg: Config) -> str:
+    """The device type ("cuda", "cpu", ...) of cfg.device; UsageError when it cannot be used here."""
+    if cfg.device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(cfg.device)
+    except RuntimeError:
+        raise UsageError(f"--device {cfg.device}: not a device (auto, cpu, cuda or cuda:N)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {cfg.device}: CUDA is not available here (torch {torch.__version__})")
+    return device.type
+
+
+def check_run(cfg: Config, world_size: int):
+    """Every check of the user's input that needs no work (no process group, no model): the
+    device, the output folder, the data. Raises UsageError; returns the image set."""
+    _device_type(cfg)
+    out = output_dir(cfg)
+    if cfg.resume and not (out / checkpoint.CHECKPOINT_NAME).exists():
+        raise UsageError(f"--resume: no checkpoint ({checkpoint.CHECKPOINT_NAME}) in {out}")
+    existing = [name for name in (LOG_NAME, checkpoint.CHECKPOINT_NAME) if (out / name).exists()]
+    if existing and not (cfg.resume or cfg.overwrite):
+        raise UsageError(f"{out} already holds a run ({', '.join(existing)}); continue it with --resume "
+                         f"or replace it with --overwrite")
+    images = open_images(cfg.data, cfg.num_images, cfg.source_size, cfg.seed)
+    if len(images) < cfg.batch_size * world_size:
+        processes = f" x {world_size} processes" if world_size > 1 else ""
+        raise UsageError(f"{len(images)} images ({cfg.data or 'procedural set'}) are fewer than one "
+                         f"batch ({cfg.batch_size}{processes})")
+    return images
+
+
 def _setup_processes(cfg: Config):
     """(rank, world_size, device, group) from torchrun's environment (one process otherwise)."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if cfg.device == "auto":
-        device_type = "cuda" if torch.cuda.is_available() else "cpu"
-    else:
-        device_type = torch.device(cfg.device).type
+    device_type = _device_type(cfg)
     if world_size == 1:
         return 0, 1, torch.device(cfg.device if cfg.device != "auto" else device_type), None
     if not dist.is_initialized():
@@ -69,6 +99,8 @@ def _setup_processes(cfg: Config):
         torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")
+    # Every rank has checked the output folder (check_run) before rank 0 writes to it.
+    dist.barrier()
     return dist.get_rank(), world_size, device, dist.group.WORLD
 
 
@@ -81,27 +113,47 @@ def _optimizer(model: torch.nn.Module, cfg: Config, world_size: int) -> torch.op
                               {"params": no_decay, "weight_decay": 0.0}], lr=lr)
 
 
-def _gather_rng_states(world_size: int) -> list:
-    state = checkpoint.rng_state()
+def _gather(value, world_size: int) -> list:
+    """`value` of every rank, in rank order."""
     if world_size == 1:
-        return [state]
-    states = [None] * world_size
-    dist.all_gather_object(states, state)
-    return states
+        return [value]
+    values = [None] * world_size
+    dist.all_gather_object(values, value)
+    return values
 
 
 def output_dir(cfg: Config) -> Path:
     return Path(cfg.output_dir or os.path.join("runs", cfg.preset))
 
 
+def _banner(cfg: Config, world_size: int, device: torch.device, images, out: Path, start_step: int) -> str:
+    if isinstance(images, ImageFolder):
+        data = f"{len(images)} images from {cfg.data}"
+    else:
+        data = f"{len(images)} procedural images (built in, {cfg.source_size} px)"
+    run = f"resuming at step {start_step} of {cfg.steps}" if start_step else f"{cfg.steps} steps"
+    return (f"loca_train: preset {cfg.preset}, {run}\n"
+            f"  processes  {world_size} on {device}"
+            f"{', bf16 autocast' if device.type == 'cuda' and cfg.amp else ''}\n"
+            f"  kernels    {kernels_in_words(device, cfg.backend)}\n"
+            f"  data       {data}, batch {cfg.batch_size} per process\n"
+            f"  output     {out}")
+
+
 def train(cfg: Config) -> dict:
     """Run (or resume) the training `cfg` describes. Returns the summary (also written to
     <output_dir>/summary.json by rank 0); summary["interrupted"] is the signal that stopped
-    the run, or 0."""
+    the run, or 0. Input the user has to fix raises UsageError before any work starts (a
+    corrupt image when it is met, unless cfg.skip_bad_images)."""
+    t_start = time.perf_counter()
+    images = check_run(cfg, int(os.environ.get("WORLD_SIZE", "1")))
     rank, world_size, device, group = _setup_processes(cfg)
     out = output_dir(cfg)
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
+        if cfg.overwrite:   # an interrupted new run must not leave the old run's checkpoint
+            for name in (checkpoint.CHECKPOINT_NAME, "summary.json"):
+                (out / name).unlink(missing_ok=True)
     torch.manual_seed(cfg.seed)                     # the same initial model on every rank
     student = LocaNet(cfg).to(device)
     teacher = copy.deepcopy(student).requires_grad_(False).eval()
@@ -110,20 +162,25 @@ def train(cfg: Config) -> dict:
     loss_fn = LocaLoss(student_temperature=cfg.student_temperature, group=group)
     torch.manual_seed(cfg.seed + 1 + rank)          # each rank its own stochastic-depth draws
 
-    start_step = 0
+    start_step, skipped = 0, set()                  # skipped: files of images that could not be decoded
     state = checkpoint.load(out / checkpoint.CHECKPOINT_NAME) if cfg.resume else None
     if state is not None:
         if state["world_size"] != world_size:
-            raise ValueError(f"loca_train: the checkpoint was written by {state['world_size']} "
-                             f"processes, this run has {world_size}; the data order would differ")
+            raise UsageError(f"the checkpoint in {out} was written by {state['world_size']} processes, "
+                             f"this run has {world_size}; the data order would differ")
         student.load_state_dict(state["student"])
         teacher.load_state_dict(state["teacher"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         checkpoint.set_rng_state(state["rng"][rank])
-        start_step = state["step"]
+        start_step, skipped = state["step"], set(state.get("skipped_images", ()))
+    # The settings as they took effect: where the output went, the device, the real image count.
+    resolved = dataclasses.asdict(dataclasses.replace(
+        cfg, output_dir=str(out.resolve()), device=str(device), num_images=len(images),
+        data=os.path.abspath(cfg.data) if cfg.data else None))
     if rank == 0:
-        (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
+        (out / "config.json").write_text(json.dumps(
+            {**resolved, "world_size": world_size, "versions": versions()}, indent=1))
 
     forward_model = student
     if world_size > 1:
@@ -136,26 +193,33 @@ def train(cfg: Config) -> dict:
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" and cfg.amp
                 else nullcontext())
 
+    def all_skipped() -> list:
+        return sorted(set().union(*_gather(skipped, world_size)))
+
     def save(next_step: int) -> None:
-        rng = _gather_rng_states(world_size)
+        rng, skipped_images = _gather(checkpoint.rng_state(), world_size), all_skipped()
         if rank == 0:
             checkpoint.save(out / checkpoint.CHECKPOINT_NAME, student=student.state_dict(),
                             teacher=teacher.state_dict(), optimizer=optimizer.state_dict(),
                             scheduler=scheduler.state_dict(), rng=rng, step=next_step,
-                            world_size=world_size, config=dataclasses.asdict(cfg))
+                            world_size=world_size, config=resolved, skipped_images=skipped_images)
 
-    images = open_images(cfg.data, cfg.num_images, cfg.source_size, cfg.seed)
     loader = batch_loader(images, cfg, start_step, rank, world_size)
-    log = StepLog(out / "log.jsonl", start_step) if rank == 0 else None
+    log = StepLog(out / LOG_NAME, start_step) if rank == 0 else None
     bar = ProgressBar(cfg.steps, start_step, cfg.log_every, cfg.progress and rank == 0)
     records, first_loss, stopped, step = [], None, 0, start_step
     if rank == 0:
-        print(f"loca_train: preset {cfg.preset}, {world_size} process(es) on {device}, steps "
-              f"{start_step}..{cfg.steps}, output {out}, kernels {loca_kernels.backends()}", flush=True)
+        print(_banner(cfg, world_size, device, images, out, start_step), flush=True)
 
     with StopRequest() as stop_request:
         t_ready = time.perf_counter()
         for step, batch in zip(range(start_step, cfg.steps), loader):
+            for index in batch.bad_images.tolist():
+                if not cfg.skip_bad_images:
+                    raise images.decode_error(index)
+                if images.files[index] not in skipped:
+                    skipped.add(images.files[index])
+                    print(f"loca_train: skipped {images.files[index]} (cannot be decoded)", file=sys.stderr)
             batch = batch.to(device)
             t_data = time.perf_counter()
             # Kernel time is measured on one step in log_every (not under torch.compile, whose
@@ -202,12 +266,21 @@ def train(cfg: Config) -> dict:
                 break
             t_ready = time.perf_counter()
 
-    result = {**summary(records, first_loss), "interrupted": stopped, "world_size": world_size}
+    skipped_images = all_skipped()
+    wall = time.perf_counter() - t_start
+    result = {**summary(records, first_loss), "interrupted": stopped, "world_size": world_size,
+              "wall_time_s": wall, "skipped_images": len(skipped_images),
+              "skipped_image_files": skipped_images}
     if rank == 0:
         log.close()
         (out / "summary.json").write_text(json.dumps(result, indent=1))
         if stopped:
-            print(f"\nloca_train: stopped by signal {stopped} after step {step}; checkpoint saved, "
-                  f"continue with --resume --output-dir {out}", flush=True)
+            print(f"\nloca_train: stopped by signal {stopped} after step {step} ({format_duration(wall)}); "
+                  f"checkpoint saved, continue with --resume --output-dir {out}", flush=True)
+        else:
+            written = [name for name in ("summary.json", LOG_NAME, checkpoint.CHECKPOINT_NAME, "config.json")
+                       if (out / name).exists()]
+            print(f"loca_train: done in {format_duration(wall)}: results in {out}/ ({', '.join(written)})",
+                  flush=True)
     return result
 
