@@ -77,7 +77,9 @@ git -C "$root" ls-files -z --cached --others --exclude-standard \
   | tar -C "$root" --null -T - --ignore-failed-read -cf - | tar -C "$src" -xf -
 [ -f "$src/setup.py" ] || { echo "check_cuda_build: copying the working tree failed" >&2; exit 1; }
 LOCA_KERNELS_CMAKE_ARGS="$extra" "$py" -m pip install --no-build-isolation --no-deps "$src" \
-  > "$work/build.log" 2>&1 || { tail -n 60 "$work/build.log"; echo "check_cuda_build: build FAILED" >&2; exit 1; }
+  > "$work/build.log" 2>&1 || {
+    grep -E "CMake Error|error:" -A 6 "$work/build.log" | head -n 80; echo ...; tail -n 30 "$work/build.log"
+    echo "check_cuda_build: build FAILED" >&2; exit 1; }
 grep -E "loca_kernels: CUDA|Successfully installed" "$work/build.log" || true
 t2=$(date +%s)
 
