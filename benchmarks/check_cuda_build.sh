@@ -109,11 +109,12 @@ for name in sorted(registered):
             missing.append(name)
 b = loca_kernels.backends()
 print(json.dumps(b, indent=1))
-assert b["extension"] and b["cuda_kernels"], "the extension or its CUDA kernels are missing"
 assert checked, "no operator with a CPU kernel found"
 assert not missing, f"CPU kernel but no CUDA kernel: {missing}"
+assert b["extension"] and b["cuda_kernels"], "backends() reports no extension or no CUDA kernels"
 print(f"check_cuda_build: OK, {len(checked)} operators have CPU and CUDA kernels")
 EOF
 )
 t3=$(date +%s)
+[ $# -ge 1 ] || echo "check_cuda_build: deleting the temporary venv"
 echo "check_cuda_build: venv $((t1 - t0)) s, build $((t2 - t1)) s, check $((t3 - t2)) s, total $((t3 - t0)) s"
