@@ -6,8 +6,14 @@ Environment:
   TORCH_CUDA_ARCH_LIST         CUDA architectures (default "8.0;9.0a")
   MAX_JOBS                     parallel compile jobs
   LOCA_KERNELS_BUILD_TYPE      CMake build type (default Release)
+  CUDA_HOME (or CUDA_PATH)     the CUDA toolkit to build with: its bin/nvcc and libraries, as
+                               torch.utils.cpp_extension uses it (default: the nvcc on PATH)
+  LOCA_KERNELS_CMAKE_ARGS      extra CMake configure arguments, split like a shell command line,
+                               e.g. "-DCUDA_nvrtc_LIBRARY=/path/to/libnvrtc.so.13" for a toolkit
+                               without nvrtc (benchmarks/check_cuda_build.sh passes torch's own)
 """
 import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -37,7 +43,7 @@ class CMakeBuild(build_ext):
             f"-DCMAKE_LIBRARY_OUTPUT_DIRECTORY={out_dir}",
             f"-DPython3_EXECUTABLE={sys.executable}",
             f"-DLOCA_KERNELS_CUDA={cuda}",
-        ]
+        ] + shlex.split(os.environ.get("LOCA_KERNELS_CMAKE_ARGS", ""))
         build = ["cmake", "--build", ".", "--target", "_C"]
         if os.environ.get("MAX_JOBS"):
             build += ["-j", os.environ["MAX_JOBS"]]
