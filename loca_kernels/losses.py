@@ -1,7 +1,8 @@
 """The LOCA loss: patch localisation + patch cluster prediction + mean-entropy regulariser.
 
-As in LOCA's official trainer (google-research/scenic, projects/loca), except that ignored
-patches (outside the reference) are left out of the mean-entropy term as well.
+As in LOCA's official trainer (google-research/scenic, projects/loca); mean_entropy_over="valid"
+(the default) leaves the patches outside the reference out of the mean-entropy term as well,
+"all" averages it over every query patch as the official trainer's me-max block does.
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from .targets import gather_at_targets
 __all__ = ["LocaLoss"]
 
 NAME = "LocaLoss"
+MEAN_ENTROPY_OVER = ("valid", "all")
 
 
 def _per_patch(logits: torch.Tensor, targets: torch.Tensor, name: str) -> torch.Tensor:
@@ -61,13 +63,14 @@ class LocaLoss(nn.Module):
     - cluster: cross-entropy of softmax(cluster_logits / student_temperature) against the
       teacher's Sinkhorn assignment of that reference patch, averaged likewise.
     - mean_entropy: sum_k p_k log p_k = minus the entropy of the mean student prediction p
-      (softmax(cluster_logits / student_temperature), averaged over the kept patches of all
-      ranks of `group` when given): minimising it spreads the predictions over all
-      prototypes (LOCA's me-max term). With a group the all-reduce is differentiable and
-      its backward sums over ranks, so under DDP's gradient averaging every rank gets the
-      exact gradient of the global term.
+      (softmax(cluster_logits / student_temperature), averaged over the patches that are not
+      ignored, or over every patch with mean_entropy_over="all", of all ranks of `group` when
+      given): minimising it spreads the predictions over all prototypes (LOCA's me-max term).
+      With a group the all-reduce is differentiable and its backward sums over ranks, so
+      under DDP's gradient averaging every rank gets the exact gradient of the global term.
 
-    Ignored patches (target == ignore_index) are left out of every term; a batch in which
+    Ignored patches (target == ignore_index) are left out of every term (of the two
+    cross-entropies only, with mean_entropy_over="all"); a batch in which
     every patch is ignored gives 0 for every term (and zero gradients), not NaN. The two
     cross-entropies are means over this rank's patches (DDP averages them over ranks).
 
@@ -76,6 +79,8 @@ class LocaLoss(nn.Module):
         ignore_index: target value of a query patch outside the reference.
         localisation_weight, cluster_weight, entropy_weight: weights of the terms (LOCA: 1).
         group: a torch.distributed process group for the mean-entropy term, or None.
+        mean_entropy_over: "valid" (patches inside the reference) or "all" (every query patch,
+            as the official trainer).
 
     forward(position_logits, targets, cluster_logits=None, teacher_assignments=None):
         position_logits: (B, V, Nq, Nr), or flattened (B*V*Nq, Nr) in that order.
@@ -95,10 +100,14 @@ class LocaLoss(nn.Module):
 
     def __init__(self, *, student_temperature: float = 0.1, ignore_index: int = -1,
                  localisation_weight: float = 1.0, cluster_weight: float = 1.0,
-                 entropy_weight: float = 1.0, group=None):
+                 entropy_weight: float = 1.0, group=None, mean_entropy_over: str = "valid"):
         super().__init__()
         if student_temperature <= 0:
             raise ValueError(f"{NAME}: student_temperature must be > 0, got {student_temperature}")
+        if mean_entropy_over not in MEAN_ENTROPY_OVER:
+            raise ValueError(f"{NAME}: mean_entropy_over must be one of {MEAN_ENTROPY_OVER}, "
+                             f"got {mean_entropy_over!r}")
+        self.mean_entropy_over = mean_entropy_over
         self.student_temperature = student_temperature
         self.ignore_index = ignore_index
         self.localisation_weight = localisation_weight
@@ -150,9 +159,11 @@ class LocaLoss(nn.Module):
         log_q = F.log_softmax(cluster_logits / self.student_temperature, dim=-1, dtype=torch.float32)
         cluster = _masked_mean(-(teacher * log_q).sum(-1), valid, count)
 
-        kept = valid.unsqueeze(-1)
-        summed = torch.where(kept, log_q.exp(), 0.0).sum(dim=(0, 1, 2))          # (K,)
-        totals = torch.cat([summed, count.reshape(1)])
+        if self.mean_entropy_over == "all":
+            summed, patches = log_q.exp().sum(dim=(0, 1, 2)), count.new_full((1,), valid.numel())
+        else:
+            summed, patches = torch.where(valid.unsqueeze(-1), log_q.exp(), 0.0).sum(dim=(0, 1, 2)), count.reshape(1)
+        totals = torch.cat([summed, patches])                                   # (K + 1,)
         if self.group is not None:
             totals = _SumOverRanks.apply(totals, self.group)
         mean_prediction = totals[:k] / totals[k].clamp_min(1)

@@ -107,6 +107,30 @@ def test_a_batch_with_every_patch_ignored_gives_zero_loss_and_zero_gradients():
     assert torch.equal(cluster.grad, torch.zeros_like(cluster))
 
 
+def test_mean_entropy_over_all_patches_includes_those_outside_the_reference():
+    # The official trainer's me-max block averages softmax(q_feat_pred) over every query patch.
+    position, targets, cluster, teacher = _batch(2, 3, 6, 9, 5, torch.float64, ignored=0.5)
+    assert (targets == -1).any()
+    _, terms = LocaLoss(mean_entropy_over="all")(position, targets, cluster, teacher)
+    mean_prediction = F.softmax(cluster.double() / TEMPERATURE, dim=-1).mean(dim=(0, 1, 2))
+    assert_close(terms["mean_entropy"], (mean_prediction * mean_prediction.log()).sum(), torch.float32)
+    _, valid_terms = LocaLoss()(position, targets, cluster, teacher)
+    assert_close(valid_terms["mean_entropy"], _reference_terms(position, targets, cluster, teacher)[2],
+                 torch.float32)
+    assert abs(valid_terms["mean_entropy"].item() - terms["mean_entropy"].item()) > 1e-3
+    for name in ("localisation", "cluster"):   # the cross-entropies still leave those patches out
+        assert_close(terms[name], valid_terms[name], torch.float32, name=name)
+    # Without patches outside, both choices agree; an all-outside batch still has a finite term.
+    inside = targets.clamp_min(0)
+    assert_close(LocaLoss(mean_entropy_over="all")(position, inside, cluster, teacher)[1]["mean_entropy"],
+                 LocaLoss()(position, inside, cluster, teacher)[1]["mean_entropy"], torch.float32)
+    outside = torch.full_like(targets, -1)
+    assert_close(LocaLoss(mean_entropy_over="all")(position, outside, cluster, teacher)[1]["mean_entropy"],
+                 terms["mean_entropy"], torch.float32)
+    with pytest.raises(ValueError, match="mean_entropy_over"):
+        LocaLoss(mean_entropy_over="some")
+
+
 def test_localisation_only_weights_and_ignore_index():
     position, targets, cluster, teacher = _batch(2, 3, 5, 9, 6, torch.float64)
     expected = _reference_terms(position, targets, cluster, teacher)
