@@ -87,24 +87,30 @@ def _check_inputs(q, k, v, keep) -> None:
     _check_keep(keep, q, bk, nk)
 
 
+def _kernel_limits(q: torch.Tensor, head_dims: tuple) -> Optional[str]:
+    """Why a compiled kernel for `head_dims` cannot take q, or None."""
+    if q.dtype not in FLOAT_DTYPES:
+        return f"dtype {q.dtype} is not one of {FLOAT_DTYPES}"
+    if q.shape[-1] not in head_dims:
+        return f"head dim D={q.shape[-1]} is not one of {head_dims}"
+    return None
+
+
 def _support(q: torch.Tensor) -> dict:
-    """The generic checks of the fused backends, plus the dtypes and head dims each compiles."""
+    """The generic checks of the fused backends, then the dtypes and head dims each compiles."""
     checks = support("attention_forward", q.device)
 
-    def narrowed(backend: str, head_dims) -> Optional[str]:
-        reason = checks[backend]()
-        if reason is None and q.dtype not in FLOAT_DTYPES:
-            reason = f"dtype {q.dtype} is not one of {FLOAT_DTYPES}"
-        if reason is None and q.shape[-1] not in head_dims():
-            reason = f"head dim D={q.shape[-1]} is not one of {head_dims()}"
-        return reason
+    def cuda() -> Optional[str]:
+        return checks["cuda"]() or _kernel_limits(q, CUDA_HEAD_DIMS)
 
-    def triton_head_dims():
-        from .triton import HEAD_DIMS  # imported by ops.py wherever this check can pass
-        return HEAD_DIMS
+    def triton() -> Optional[str]:
+        reason = checks["triton"]()
+        if reason is not None:
+            return reason
+        from .triton import HEAD_DIMS  # importable once the generic check passes (Triton is installed)
+        return _kernel_limits(q, HEAD_DIMS)
 
-    return {"cpu": checks["cpu"], "cuda": lambda: narrowed("cuda", lambda: CUDA_HEAD_DIMS),
-            "triton": lambda: narrowed("triton", triton_head_dims)}
+    return {"cpu": checks["cpu"], "cuda": cuda, "triton": triton}
 
 
 def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
