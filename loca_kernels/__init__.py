@@ -2,12 +2,12 @@
 
 Public API (docs/SPEC.md): the ops masked_cross_attention, relative_position_targets,
 gather_at_targets, sinkhorn and patch_matching; the keep helpers; the layers
-MaskedCrossAttention, CrossAttentionBlock, PositionPredictor, ClusteringHead and the LocaLoss;
-and backends() to see what was built and can run here.
+MaskedCrossAttention, CrossAttentionBlock, PositionPredictor, ClusteringHead, the LocaLoss and
+GTSA's PatchCorrespondenceLoss; and backends() to see what was built and can run here.
 """
 from ._backends import BACKENDS, backends
 from .attention import KeepRun, consecutive_keep, keep_to_mask, masked_cross_attention, random_keep
-from .losses import LocaLoss
+from .losses import LocaLoss, PatchCorrespondenceLoss
 from .matching import patch_matching
 from .modules import ClusteringHead, CrossAttentionBlock, MaskedCrossAttention, PositionPredictor
 from .sinkhorn import sinkhorn
@@ -18,4 +18,5 @@ __all__ = [
     "masked_cross_attention", "KeepRun", "consecutive_keep", "random_keep", "keep_to_mask",
     "relative_position_targets", "gather_at_targets", "sinkhorn", "patch_matching",
     "MaskedCrossAttention", "CrossAttentionBlock", "PositionPredictor", "ClusteringHead", "LocaLoss",
+    "PatchCorrespondenceLoss",
 ]

@@ -293,3 +293,72 @@ def test_triton_kernels_compile_for_a_gpu():
                      else "fp32" if name == "eps" else "i32" for name in names if name not in BLOCKS}
             compile_triton_kernel(kernel, types, {name: BLOCKS[name] for name in names if name in BLOCKS})
     """)
+
+
+# ---- PatchCorrespondenceLoss (GTSA) -----------------------------------------------------------
+
+def gtsa_direction(inputs, candidates, num_matches):
+    """One direction of GTSA's term, one image at a time: each input patch's nearest candidate
+    by cosine distance, the num_matches smallest distances kept (in patch order), minus the
+    cosine of the kept pairs recomputed from the features, averaged over images and pairs."""
+    per_image = []
+    for x, y in zip(inputs, candidates):
+        distance = -(F.normalize(x, dim=-1) @ F.normalize(y, dim=-1).T)     # (Nx, Ny)
+        nearest_distance, nearest = distance.min(dim=1)
+        kept = nearest_distance.argsort()[:num_matches].sort().values
+        per_image.append(-F.cosine_similarity(x[kept], y[nearest[kept]], dim=-1))
+    return torch.stack(per_image).mean()
+
+
+def gtsa_loss(student, teacher, num_matches):
+    teacher = teacher.detach()
+    return 0.5 * (gtsa_direction(student, teacher, num_matches) + gtsa_direction(teacher, student, num_matches))
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("sizes", [(3, 196, 196, 98), (2, 36, 196, 18), (2, 5, 7, 5)], ids=str)
+def test_patch_correspondence_loss_matches_gtsa(backend, device, sizes):
+    batch, ns, nt, matches = sizes
+    if backend == "triton" and device == "cpu" and nt > 100:
+        pytest.skip("GTSA's sizes are too slow under the Triton interpreter")
+    g = torch.Generator().manual_seed(ns)
+    student = torch.randn(batch, ns, 24, generator=g, dtype=torch.float32)
+    teacher = torch.randn(batch, nt, 24, generator=g, dtype=torch.float32)
+    s = student.to(device).detach().requires_grad_()
+    t = teacher.to(device).detach().requires_grad_()
+    loss = lk.PatchCorrespondenceLoss(matches, backend=backend)(s, t)
+    loss.backward()
+    s64, t64 = student.double().requires_grad_(), teacher.double().requires_grad_()
+    expected = gtsa_loss(s64, t64, matches)
+    expected.backward()
+    assert loss.dtype == torch.float32 and loss.dim() == 0
+    assert_close(loss.cpu(), expected, torch.float32, name="loss")
+    assert_close(s.grad.cpu(), s64.grad, torch.float32, name="grad student")
+    assert t.grad is None and t64.grad is None   # the teacher is detached, as in GTSA
+
+
+def test_patch_correspondence_loss_compiles_without_graph_breaks():
+    student, teacher = make(2, 36, 49, 16, dtype=torch.float32)
+    module = lk.PatchCorrespondenceLoss(18, backend="torch")
+    compiled = torch.compile(module, fullgraph=True, backend="aot_eager")
+    s = student.clone().requires_grad_()
+    got = compiled(s, teacher)
+    got.backward()
+    s_eager = student.clone().requires_grad_()
+    want = module(s_eager, teacher)
+    want.backward()
+    assert_close(got, want) and assert_close(s.grad, s_eager.grad)
+
+
+@pytest.mark.parametrize("num_matches,kind,match", [
+    (50, ValueError, r"num_matches=50 is larger than the patches of the student \(2, 36, 16\) or the teacher "
+                     r"\(2, 49, 16\); expected at most 36"),
+    (0, ValueError, "num_matches must be >= 1, got 0"),
+    (2.0, TypeError, "num_matches must be an int, got float"),
+])
+def test_patch_correspondence_loss_errors(num_matches, kind, match):
+    student, teacher = make(2, 36, 49, 16, dtype=torch.float32)
+    with pytest.raises(kind, match="PatchCorrespondenceLoss: " + match):
+        lk.PatchCorrespondenceLoss(num_matches)(student, teacher)
+    with pytest.raises(ValueError, match=r"PatchCorrespondenceLoss: student must have 3 dimensions \(B, Ns, C\)"):
+        lk.PatchCorrespondenceLoss(4)(student[0], teacher)
