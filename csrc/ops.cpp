@@ -42,4 +42,17 @@ TORCH_LIBRARY(loca_kernels, m) {
   // tensor) is 0 for normalised rows and max_ij x[i, j] otherwise, which keeps them finite.
   m.def("sinkhorn_pass(Tensor scores, Tensor col_scale, float inv_epsilon, bool normalize_rows, bool write) "
         "-> (Tensor, Tensor)");
+
+  // Nearest neighbours by cosine (SPEC.md section 6): a (B, Na, C), b (B, Nb, C), rows
+  // L2-normalised as F.normalize(x, dim=-1, eps=1e-12). Returns (similarity, index): index int64
+  // (B, Na), for each row of a the row of b of highest cosine (the lowest index on ties), and
+  // similarity that cosine, float32 (float64 for float64 inputs), computed without a (B, Na, Nb)
+  // tensor. (The public function returns them the other way round; the float output comes first
+  // here because opcheck sums the outputs into the first one.)
+  m.def("patch_matching(Tensor a, Tensor b) -> (Tensor similarity, Tensor index)");
+  // The gradients of similarity in a and b through the chosen pairs (index is not
+  // differentiable); grad_b sums the rows of a that chose each row of b in ascending order
+  // (deterministic). Returns (grad_a, grad_b) in the inputs' dtypes.
+  m.def("patch_matching_backward(Tensor grad_similarity, Tensor a, Tensor b, Tensor index) "
+        "-> (Tensor grad_a, Tensor grad_b)");
 }
