@@ -146,8 +146,9 @@ def block_sizes(h: int, w: int, oh: int, ow: int) -> dict:
             "BH": max(16, triton.next_power_of_2(h)), "BW": bw, "BLOCK_C": max(1, 256 // bw)}
 
 
-# Correctly rounded float32 arithmetic as the reference: no fused multiply-add.
-COMPILE_OPTIONS = {"enable_fp_fusion": False}
+# Correctly rounded float32 arithmetic as the reference: no fused multiply-add. No integer
+# overflow checks (off on GPUs anyway; under the interpreter they cost most of the time).
+COMPILE_OPTIONS = {"enable_fp_fusion": False, "sanitize_overflow": False}
 
 
 def _small(view_boxes, regions, view_flip, view_rot90):
