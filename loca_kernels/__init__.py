@@ -2,14 +2,14 @@
 
 Public API (docs/SPEC.md): the ops masked_cross_attention, relative_position_targets,
 gather_at_targets, sinkhorn and crop_features; the keep helpers; the layers MaskedCrossAttention,
-CrossAttentionBlock, PositionPredictor, ClusteringHead and the LocaLoss; and backends()
-to see what was built and can run here.
+CrossAttentionBlock, PositionPredictor, ClusteringHead, RotationPredictor (GTSA) and the
+LocaLoss; and backends() to see what was built and can run here.
 """
 from ._backends import BACKENDS, backends
 from .attention import KeepRun, consecutive_keep, keep_to_mask, masked_cross_attention, random_keep
 from .crop import crop_features
 from .losses import LocaLoss
-from .modules import ClusteringHead, CrossAttentionBlock, MaskedCrossAttention, PositionPredictor
+from .modules import ClusteringHead, CrossAttentionBlock, MaskedCrossAttention, PositionPredictor, RotationPredictor
 from .sinkhorn import sinkhorn
 from .targets import gather_at_targets, relative_position_targets
 
@@ -17,5 +17,6 @@ __all__ = [
     "BACKENDS", "backends",
     "masked_cross_attention", "KeepRun", "consecutive_keep", "random_keep", "keep_to_mask",
     "relative_position_targets", "gather_at_targets", "sinkhorn", "crop_features",
-    "MaskedCrossAttention", "CrossAttentionBlock", "PositionPredictor", "ClusteringHead", "LocaLoss",
+    "MaskedCrossAttention", "CrossAttentionBlock", "PositionPredictor", "ClusteringHead", "RotationPredictor",
+    "LocaLoss",
 ]

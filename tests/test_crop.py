@@ -8,6 +8,7 @@ import torch
 
 import loca_kernels as lk
 from helpers import assert_close, backend_params, compile_for_gpu
+from loca_kernels.targets import geometry
 
 ALL = backend_params("crop_features")
 FUSED = backend_params("crop_features", reference=False)
@@ -384,3 +385,64 @@ def test_triton_kernels_compile_for_sm90():
             compile_triton_kernel(kernel, types, crop_triton.block_sizes(h, w, oh, ow),
                                   options=crop_triton.COMPILE_OPTIONS)
     """)
+
+
+# GTSA helpers: view geometry and the rotation head.
+
+def test_intersection_boxes():
+    a = torch.tensor([[0.0, 0.0, 4.0, 4.0], [0.0, 0.0, 1.0, 1.0], [0.0, 0.0, 2.0, 2.0]])
+    b = torch.tensor([[2.0, 1.0, 6.0, 3.0], [2.0, 2.0, 3.0, 3.0], [2.0, 0.0, 3.0, 2.0]])
+    boxes, overlaps = geometry.intersection_boxes(a, b)
+    assert boxes.tolist() == [[2, 1, 4, 3], [2, 2, 1, 1], [2, 0, 2, 2]]
+    assert overlaps.tolist() == [True, False, False]  # touching edges have no area
+    boxes, overlaps = geometry.intersection_boxes(a[:, None], b[None])  # broadcast: all pairs
+    assert boxes.shape == (3, 3, 4) and overlaps.diagonal().tolist() == [True, False, False]
+
+
+def test_sample_boxes_with_min_overlap():
+    gen = torch.Generator().manual_seed(0)
+    size = (120, 160)
+    globals_ = geometry.sample_boxes(256, 2, size, (0.25, 1.0), generator=gen)
+    plain = geometry.sample_boxes(256, 8, size, (0.05, 0.25), generator=torch.Generator().manual_seed(1))
+    local = geometry.sample_boxes(256, 8, size, (0.05, 0.25), generator=torch.Generator().manual_seed(1),
+                                  overlap_with=globals_, min_overlap=0.01, tries=50)
+    boxes, _ = geometry.intersection_boxes(local[:, :, None], globals_[:, None])
+    area = (boxes[..., 2] - boxes[..., 0]).clamp_min(0) * (boxes[..., 3] - boxes[..., 1]).clamp_min(0)
+    assert bool((area > 0.01 * 120 * 160).all())
+    plain_boxes, _ = geometry.intersection_boxes(plain[:, :, None], globals_[:, None])
+    plain_area = ((plain_boxes[..., 2] - plain_boxes[..., 0]).clamp_min(0) *
+                  (plain_boxes[..., 3] - plain_boxes[..., 1]).clamp_min(0))
+    assert not bool((plain_area > 0.01 * 120 * 160).all())  # the requirement is not met by chance
+    # Sizes still in range; with an impossible requirement every view takes the central fallback.
+    fraction = (local[..., 2] - local[..., 0]) * (local[..., 3] - local[..., 1]) / (120 * 160)
+    assert bool((fraction >= 0.05 - 1e-6).all() and (fraction <= 0.25 + 1e-6).all())
+    never = geometry.sample_boxes(2, 3, size, (0.05, 0.25), generator=gen, overlap_with=globals_[:2],
+                                  min_overlap=1.0, tries=3)
+    assert torch.equal(never, geometry.sample_boxes(2, 3, (120, 160), (0.05, 0.25), tries=0))
+    with pytest.raises(ValueError, match="overlap_with must be"):
+        geometry.sample_boxes(2, 3, size, (0.05, 0.25), overlap_with=torch.zeros(3, 4))
+
+
+def test_sample_rotations_seeded_and_uniform():
+    turns = geometry.sample_rotations(1000, 4, generator=torch.Generator().manual_seed(0))
+    assert turns.dtype == torch.int64 and turns.shape == (1000, 4)
+    assert torch.equal(turns, geometry.sample_rotations(1000, 4, generator=torch.Generator().manual_seed(0)))
+    counts = torch.bincount(turns.flatten(), minlength=4)
+    assert counts.min() > 900 and counts.max() < 1100
+
+
+def test_rotation_predictor_is_gtsas_head():
+    torch.manual_seed(0)
+    head = lk.RotationPredictor(24, hidden_dim=32, bottleneck_dim=8)
+    # GTSA's rot_predictor layout, layer for layer, so its state_dict loads as is.
+    gtsa = torch.nn.Sequential(torch.nn.Linear(24, 32), torch.nn.LayerNorm(32), torch.nn.GELU(),
+                               torch.nn.Linear(32, 32), torch.nn.LayerNorm(32), torch.nn.GELU(),
+                               torch.nn.Linear(32, 8), torch.nn.LayerNorm(8), torch.nn.Linear(8, 4))
+    for p in gtsa.parameters():
+        torch.nn.init.normal_(p)
+    head.load_state_dict(gtsa.state_dict())
+    tokens = torch.randn(5, 7, 24)
+    logits = head(tokens)
+    assert logits.shape == (5, 4)
+    assert_close(logits, gtsa(tokens.mean(dim=1)), torch.float32)
+    assert_close(head(tokens[:, torch.randperm(7)]), logits, torch.float32)  # a mean over the tokens
