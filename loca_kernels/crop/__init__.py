@@ -51,8 +51,9 @@ def crop_features(features: torch.Tensor, view_boxes: torch.Tensor, regions: tor
         view_boxes: (M, 4) float crop (x0, y0, x1, y1) of each view in source coordinates
             (x1 > x0, y1 > y0).
         regions: (M, R, 4) float boxes in source coordinates, R per view. A region may stick out
-            of its view (that part samples zeros) or have zero or negative size (then its
-            samples follow roi_align's arithmetic: a negative size gives zeros).
+            of its view (that part samples zeros) or have zero or negative size, as in roi_align:
+            with sampling_ratio -1 it has no samples and pools to zeros, with a fixed
+            sampling_ratio it pools the bilinear values at its collapsed or reversed samples.
         out_size: (oh, ow), positive.
         view_flip: (M,) bool, the view was flipped left-right after cropping.
         view_rot90: (M,) int in 0..3: after the flip the view was turned by
