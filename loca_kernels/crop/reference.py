@@ -42,7 +42,7 @@ def _samples(r0, r1, v0, v1, length: int, bins: int, sampling_ratio: int):
 def _corners(pos: torch.Tensor, length: int):
     """Validity, low and high pixel and their float32 weights of float32 positions `pos`."""
     valid = (pos >= -1) & (pos <= length)
-    pos = pos.clamp_min(0)
+    pos = pos.clamp(0, length)  # clamping at 0 is roi_align's; at length only keeps far samples indexable
     low = pos.floor().long()
     edge = low >= length - 1
     low = torch.where(edge, length - 1, low)
