@@ -54,6 +54,7 @@ def crop_features(features: torch.Tensor, view_boxes: torch.Tensor, regions: tor
             of its view (that part samples zeros) or have zero or negative size, as in roi_align:
             with sampling_ratio -1 it has no samples and pools to zeros, with a fixed
             sampling_ratio it pools the bilinear values at its collapsed or reversed samples.
+            With sampling_ratio -1 the work grows with region size / out size, as in roi_align.
         out_size: (oh, ow), positive.
         view_flip: (M,) bool, the view was flipped left-right after cropping.
         view_rot90: (M,) int in 0..3: after the flip the view was turned by
