@@ -55,4 +55,17 @@ TORCH_LIBRARY(loca_kernels, m) {
   // (deterministic). Returns (grad_a, grad_b) in the inputs' dtypes.
   m.def("patch_matching_backward(Tensor grad_similarity, Tensor a, Tensor b, Tensor index) "
         "-> (Tensor grad_a, Tensor grad_b)");
+
+  // Features of source regions seen from each view (SPEC.md section 7): roi_align (aligned,
+  // spatial scale 1) of features[m] (M, C, h, w), turned back by -view_rot90[m] and unflipped,
+  // over regions[m, r] (M, R, 4), mapped from source coordinates into view_boxes[m] (M, 4).
+  // Boxes are read as float32; view_flip (M,) bool and view_rot90 (M,) int always given.
+  // sampling_ratio > 0 samples per bin and axis, -1 ceil(region size / out size) as roi_align.
+  // Returns (M, R, C, out_size[0], out_size[1]) in features' dtype.
+  m.def("crop_features(Tensor features, Tensor view_boxes, Tensor regions, int[] out_size, Tensor view_flip, "
+        "Tensor view_rot90, int sampling_ratio) -> Tensor");
+  // The gradient of crop_features with respect to features (M, C, feature_size[0], feature_size[1]),
+  // in grad_out's dtype; deterministic.
+  m.def("crop_features_backward(Tensor grad_out, Tensor view_boxes, Tensor regions, int[] feature_size, "
+        "Tensor view_flip, Tensor view_rot90, int sampling_ratio) -> Tensor");
 }

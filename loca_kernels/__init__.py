@@ -1,22 +1,26 @@
-"""loca_kernels: fused, exact kernels for LOCA location-aware self-supervised ViT pretraining.
+"""loca_kernels: fused, exact kernels for LOCA location-aware self-supervised ViT pretraining
+and its dense relatives (DenseCL, GTSA).
 
 Public API (docs/SPEC.md): the ops masked_cross_attention, relative_position_targets,
-gather_at_targets, sinkhorn and patch_matching; the keep helpers; the layers
-MaskedCrossAttention, CrossAttentionBlock, PositionPredictor, ClusteringHead, the LocaLoss and
-GTSA's PatchCorrespondenceLoss; and backends() to see what was built and can run here.
+gather_at_targets, sinkhorn, queue_contrastive_loss, patch_matching and crop_features; the keep
+helpers; the layers MaskedCrossAttention, CrossAttentionBlock, PositionPredictor,
+ClusteringHead and RotationPredictor (GTSA); the losses LocaLoss, DenseContrastiveLoss
+(DenseCL) and PatchCorrespondenceLoss (GTSA); and backends() to see what was built and can run
+here.
 """
 from ._backends import BACKENDS, backends
 from .attention import KeepRun, consecutive_keep, keep_to_mask, masked_cross_attention, random_keep
+from .crop import crop_features
 from .losses import LocaLoss, PatchCorrespondenceLoss
 from .matching import patch_matching
-from .modules import ClusteringHead, CrossAttentionBlock, MaskedCrossAttention, PositionPredictor
+from .modules import ClusteringHead, CrossAttentionBlock, MaskedCrossAttention, PositionPredictor, RotationPredictor
 from .sinkhorn import sinkhorn
 from .targets import gather_at_targets, relative_position_targets
 
 __all__ = [
     "BACKENDS", "backends",
     "masked_cross_attention", "KeepRun", "consecutive_keep", "random_keep", "keep_to_mask",
-    "relative_position_targets", "gather_at_targets", "sinkhorn", "patch_matching",
-    "MaskedCrossAttention", "CrossAttentionBlock", "PositionPredictor", "ClusteringHead", "LocaLoss",
-    "PatchCorrespondenceLoss",
+    "relative_position_targets", "gather_at_targets", "sinkhorn", "patch_matching", "crop_features",
+    "MaskedCrossAttention", "CrossAttentionBlock", "PositionPredictor", "ClusteringHead", "RotationPredictor",
+    "LocaLoss", "PatchCorrespondenceLoss",
 ]

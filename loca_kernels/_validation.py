@@ -50,3 +50,33 @@ def check_grid(op: str, name: str, grid) -> tuple:
 def values_checkable(x: torch.Tensor) -> bool:
     """Checks that read tensor values synchronise the device; skip them while tracing."""
     return not torch.compiler.is_compiling() and x.device.type != "meta"
+
+
+def check_boxes(op: str, name: str, boxes: torch.Tensor) -> None:
+    """Floating boxes (..., 4) (x0, y0, x1, y1), each with x1 > x0 and y1 > y0."""
+    if not boxes.dtype.is_floating_point:
+        raise TypeError(f"{op}: {name} must be a floating tensor, got {boxes.dtype}")
+    if boxes.shape[-1] != 4:
+        raise ValueError(f"{op}: {name} must end in 4 coordinates (x0, y0, x1, y1), got shape {shape_str(boxes)}")
+    if values_checkable(boxes) and boxes.numel():
+        x0, y0, x1, y1 = boxes.unbind(-1)
+        if not bool(((x1 > x0) & (y1 > y0)).all()):
+            raise ValueError(f"{op}: every box of {name} must have x1 > x0 and y1 > y0")
+
+
+def per_view(op: str, name: str, x, shape: tuple, device, kind: str) -> torch.Tensor:
+    """A per-view flip flag (kind "bool") or quarter-turn count (kind "int", values 0..3) tensor
+    of `shape`, zeros when None."""
+    dtype = torch.bool if kind == "bool" else torch.int64
+    if x is None:
+        return torch.zeros(shape, dtype=dtype, device=device)
+    check_tensor(op, name, x, ndim=len(shape), layout=str(shape))
+    if tuple(x.shape) != shape:
+        raise ValueError(f"{op}: {name} must have shape {shape}, got {shape_str(x)}")
+    if kind == "bool" and x.dtype != torch.bool:
+        raise TypeError(f"{op}: {name} must be a bool tensor, got {x.dtype}")
+    if kind == "int" and (x.dtype.is_floating_point or x.dtype == torch.bool):
+        raise TypeError(f"{op}: {name} must be an integer tensor with values in 0..3, got {x.dtype}")
+    if kind == "int" and values_checkable(x) and x.numel() and (x.min() < 0 or x.max() > 3):
+        raise ValueError(f"{op}: {name} values must be in 0..3, got min {int(x.min())} and max {int(x.max())}")
+    return x.to(dtype)

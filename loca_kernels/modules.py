@@ -15,7 +15,7 @@ from torch import nn
 
 from .attention import masked_cross_attention
 
-__all__ = ["MaskedCrossAttention", "CrossAttentionBlock", "PositionPredictor", "ClusteringHead"]
+__all__ = ["MaskedCrossAttention", "CrossAttentionBlock", "PositionPredictor", "ClusteringHead", "RotationPredictor"]
 
 # LayerNorm epsilon of LOCA's (flax) and timm's ViTs.
 LAYER_NORM_EPS = 1e-6
@@ -248,3 +248,26 @@ class ClusteringHead(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         z = F.normalize(self.mlp(x), dim=-1)
         return F.linear(z, F.normalize(self.prototypes.weight, dim=-1))
+
+
+class RotationPredictor(nn.Sequential):
+    """GTSA's quarter-turn classifier: the mean of a view's patch tokens, then
+    Linear + LayerNorm + GELU twice, Linear + LayerNorm to a bottleneck, and Linear to 4 logits
+    (turns 0, 90, 180, 270 degrees: torch.rot90's k).
+
+    The layers are numbered as GTSA's `rot_predictor` nn.Sequential (model_pretrain/gtsa.py), with
+    its LayerNorm epsilon (PyTorch's default 1e-5), so its state_dict loads as is.
+
+    `forward(tokens)`: tokens (..., N, dim) -> logits (..., 4).
+    """
+
+    def __init__(self, dim: int, hidden_dim: int = 768, bottleneck_dim: int = 128, *, device=None, dtype=None):
+        factory = {"device": device, "dtype": dtype}
+        super().__init__(
+            nn.Linear(dim, hidden_dim, **factory), nn.LayerNorm(hidden_dim, **factory), nn.GELU(),
+            nn.Linear(hidden_dim, hidden_dim, **factory), nn.LayerNorm(hidden_dim, **factory), nn.GELU(),
+            nn.Linear(hidden_dim, bottleneck_dim, **factory), nn.LayerNorm(bottleneck_dim, **factory),
+            nn.Linear(bottleneck_dim, 4, **factory))
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return super().forward(tokens.mean(dim=-2))

@@ -11,41 +11,13 @@ from typing import Optional
 import torch
 
 from .._backends import choose_backend, support
-from .._validation import check_grid, check_same_device, check_tensor, shape_str, values_checkable
+from .._validation import check_boxes, check_grid, check_same_device, check_tensor, per_view, shape_str
 from . import reference
 from .ops import OPERATORS
 
 __all__ = ["relative_position_targets", "gather_at_targets"]
 
 OP = "relative_position_targets"
-
-def _optional_per_view(name: str, x, shape: tuple, device, dtype_kind: str) -> torch.Tensor:
-    """A flag or turn tensor of `shape`, zeros when None."""
-    dtype = torch.bool if dtype_kind == "bool" else torch.int64
-    if x is None:
-        return torch.zeros(shape, dtype=dtype, device=device)
-    check_tensor(OP, name, x, ndim=len(shape), layout=str(shape))
-    if tuple(x.shape) != shape:
-        raise ValueError(f"{OP}: {name} must have shape {shape}, got {shape_str(x)}")
-    if dtype_kind == "bool" and x.dtype != torch.bool:
-        raise TypeError(f"{OP}: {name} must be a bool tensor, got {x.dtype}")
-    if dtype_kind == "int" and (x.dtype.is_floating_point or x.dtype == torch.bool):
-        raise TypeError(f"{OP}: {name} must be an integer tensor with values in 0..3, got {x.dtype}")
-    if dtype_kind == "int" and values_checkable(x) and x.numel() and (x.min() < 0 or x.max() > 3):
-        raise ValueError(f"{OP}: {name} values must be in 0..3, got min {int(x.min())} and max {int(x.max())}")
-    return x.to(dtype)
-
-
-def _check_boxes(name: str, boxes: torch.Tensor) -> None:
-    if not boxes.dtype.is_floating_point:
-        raise TypeError(f"{OP}: {name} must be a floating tensor, got {boxes.dtype}")
-    if boxes.shape[-1] != 4:
-        raise ValueError(f"{OP}: {name} must end in 4 coordinates (x0, y0, x1, y1), got shape {shape_str(boxes)}")
-    if values_checkable(boxes) and boxes.numel():
-        x0, y0, x1, y1 = boxes.unbind(-1)
-        if not bool(((x1 > x0) & (y1 > y0)).all()):
-            raise ValueError(f"{OP}: every box of {name} must have x1 > x0 and y1 > y0")
-
 
 def relative_position_targets(query_boxes: torch.Tensor, ref_boxes: torch.Tensor, query_grid, ref_grid, *,
                               query_flip: Optional[torch.Tensor] = None, ref_flip: Optional[torch.Tensor] = None,
@@ -71,8 +43,8 @@ def relative_position_targets(query_boxes: torch.Tensor, ref_boxes: torch.Tensor
     """
     check_tensor(OP, "query_boxes", query_boxes, ndim=3, layout="(B, V, 4)")
     check_tensor(OP, "ref_boxes", ref_boxes, ndim=2, layout="(B, 4)")
-    _check_boxes("query_boxes", query_boxes)
-    _check_boxes("ref_boxes", ref_boxes)
+    check_boxes(OP, "query_boxes", query_boxes)
+    check_boxes(OP, "ref_boxes", ref_boxes)
     b, v = query_boxes.shape[:2]
     if ref_boxes.shape[0] != b:
         raise ValueError(f"{OP}: ref_boxes must have B={b} rows like query_boxes, got shape {shape_str(ref_boxes)}")
@@ -82,9 +54,9 @@ def relative_position_targets(query_boxes: torch.Tensor, ref_boxes: torch.Tensor
     device = query_boxes.device
     check_same_device(OP, [("query_boxes", query_boxes), ("ref_boxes", ref_boxes), ("query_flip", query_flip),
                            ("ref_flip", ref_flip), ("query_rot90", query_rot90)])
-    query_flip = _optional_per_view("query_flip", query_flip, (b, v), device, "bool")
-    ref_flip = _optional_per_view("ref_flip", ref_flip, (b,), device, "bool")
-    query_rot90 = _optional_per_view("query_rot90", query_rot90, (b, v), device, "int")
+    query_flip = per_view(OP, "query_flip", query_flip, (b, v), device, "bool")
+    ref_flip = per_view(OP, "ref_flip", ref_flip, (b,), device, "bool")
+    query_rot90 = per_view(OP, "query_rot90", query_rot90, (b, v), device, "int")
     name = choose_backend(OP, backend, device, support(OP, device))
     if name == "torch":
         return reference.relative_position_targets(query_boxes, ref_boxes, query_grid, ref_grid, query_flip,

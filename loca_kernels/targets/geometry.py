@@ -1,5 +1,6 @@
-"""LOCA view geometry: crop boxes sampled like the official recipe (RandomResizedCrop-style),
-flip flags, and token dropping for the large query, all with a torch.Generator."""
+"""LOCA and GTSA view geometry: crop boxes sampled like the official recipes (RandomResizedCrop-style,
+optionally overlapping given boxes as GTSA requires), flip flags, quarter turns, and box
+intersections, all with a torch.Generator."""
 from __future__ import annotations
 
 import math
@@ -10,14 +11,24 @@ import torch
 
 def sample_boxes(batch: int, num_views: int, image_size, area_range: Sequence[float],
                  aspect_range: Sequence[float] = (3 / 4, 4 / 3), *,
-                 generator: Optional[torch.Generator] = None) -> torch.Tensor:
+                 generator: Optional[torch.Generator] = None, overlap_with: Optional[torch.Tensor] = None,
+                 min_overlap: float = 0.0, tries: int = 10) -> torch.Tensor:
     """Crop boxes (batch, num_views, 4) float32 (x0, y0, x1, y1) in pixels, RandomResizedCrop-style.
 
     image_size: (height, width) of every image, or a (batch, 2) tensor of per-image sizes.
     Area fraction uniform in area_range, aspect ratio (w / h) log-uniform in aspect_range,
-    position uniform; a view none of whose 10 tries fits in its image gets the largest central
+    position uniform; a view none of whose `tries` tries is accepted gets the largest central
     crop with an aspect ratio in aspect_range (as torchvision's RandomResizedCrop). Random
     numbers come from `generator` (CPU); the boxes are CPU tensors.
+
+    overlap_with: optional (batch, 4) or (batch, K, 4) boxes (e.g. GTSA's global crops). A try is
+    then accepted only when it fits in its image and its intersection with each of the K boxes
+    has an area above min_overlap * the image's area (GTSA: 0.01 for the local crops against
+    the global ones, 0.02 between the two global crops). GTSA redraws until a crop overlaps;
+    here every view draws `tries` candidates at once (vectorised rejection) and keeps its first
+    accepted one, so pass more tries (e.g. 50) when overlaps are rare. The central-crop fallback
+    contains every box that lies in the central crop, so it meets the requirement unless
+    overlap_with reaches outside it.
     """
     op = "sample_boxes"
     if not 0 < area_range[0] <= area_range[1] <= 1:
@@ -36,15 +47,27 @@ def sample_boxes(batch: int, num_views: int, image_size, area_range: Sequence[fl
     box = torch.zeros(*shape, 4, dtype=torch.float64)
     done = torch.zeros(shape, dtype=torch.bool)
     log_lo, log_hi = math.log(aspect_range[0]), math.log(aspect_range[1])
-    for _ in range(10):
+    if overlap_with is not None:
+        others = torch.as_tensor(overlap_with, dtype=torch.float64).cpu()
+        others = others[:, None] if others.dim() == 2 else others
+        if others.dim() != 3 or others.shape[0] != batch or others.shape[2] != 4:
+            raise ValueError(f"{op}: overlap_with must be ({batch}, 4) or ({batch}, K, 4) boxes, "
+                             f"got shape {tuple(torch.as_tensor(overlap_with).shape)}")
+        needed = (min_overlap * height * width)[..., None]        # (batch or 1, 1, 1)
+    for _ in range(tries):
         area = height * width * (area_range[0] + (area_range[1] - area_range[0]) *
                                  torch.rand(shape, generator=generator, dtype=torch.float64))
         ratio = torch.exp(log_lo + (log_hi - log_lo) * torch.rand(shape, generator=generator, dtype=torch.float64))
         w, h = torch.sqrt(area * ratio), torch.sqrt(area / ratio)
         x0 = (width - w) * torch.rand(shape, generator=generator, dtype=torch.float64)
         y0 = (height - h) * torch.rand(shape, generator=generator, dtype=torch.float64)
+        candidate = torch.stack([x0, y0, x0 + w, y0 + h], dim=-1)
         fits = (w <= width) & (h <= height) & ~done
-        box[fits] = torch.stack([x0, y0, x0 + w, y0 + h], dim=-1)[fits]
+        if overlap_with is not None:
+            common, _ = intersection_boxes(candidate[:, :, None], others[:, None])   # (batch, views, K, 4)
+            area = (common[..., 2] - common[..., 0]).clamp_min(0) * (common[..., 3] - common[..., 1]).clamp_min(0)
+            fits &= (area > needed).all(dim=-1)
+        box[fits] = candidate[fits]
         done |= fits
     # Central crop fallback: the whole image, narrowed to the nearest allowed aspect ratio.
     w = torch.minimum(width, height * aspect_range[1])
@@ -59,3 +82,22 @@ def sample_flips(batch: int, num_views: int, p: float = 0.5, *,
                  generator: Optional[torch.Generator] = None) -> torch.Tensor:
     """Left-right flip flags (batch, num_views) bool, each True with probability p."""
     return torch.rand(batch, num_views, generator=generator) < p
+
+
+def sample_rotations(batch: int, num_views: int, *, generator: Optional[torch.Generator] = None,
+                     device=None) -> torch.Tensor:
+    """Quarter turns (batch, num_views) int64, uniform in 0..3 (GTSA's 0, 90, 180, 270 degrees,
+    counter-clockwise as torch.rot90's k): the view_rot90 / query_rot90 of the ops."""
+    return torch.randint(0, 4, (batch, num_views), generator=generator).to(device)
+
+
+def intersection_boxes(a: torch.Tensor, b: torch.Tensor):
+    """Elementwise intersection of boxes a and b (..., 4) (x0, y0, x1, y1), broadcast together.
+
+    Returns (boxes, overlaps): boxes (..., 4) (max of the starts, min of the ends), and overlaps
+    (...) bool, True where the intersection has a positive area. Where it is False the box is
+    empty (x1 <= x0 or y1 <= y0): crop_features pools such a region to zeros.
+    """
+    start = torch.maximum(a[..., :2], b[..., :2])
+    end = torch.minimum(a[..., 2:], b[..., 2:])
+    return torch.cat([start, end], dim=-1), (end > start).all(dim=-1)
