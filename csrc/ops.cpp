@@ -42,4 +42,13 @@ TORCH_LIBRARY(loca_kernels, m) {
   // tensor) is 0 for normalised rows and max_ij x[i, j] otherwise, which keeps them finite.
   m.def("sinkhorn_pass(Tensor scores, Tensor col_scale, float inv_epsilon, bool normalize_rows, bool write) "
         "-> (Tensor, Tensor)");
+
+  // InfoNCE against a queue of negatives (SPEC.md section 5), per row: with l_0 = query_i .
+  // positive_i * inv_temperature and l_k = query_i . queue_k * inv_temperature (query, positive
+  // (N, D), queue (K, D), K >= 0, any strides, one dtype), returns (loss, weighted): loss float32
+  // (N,), loss_i = logsumexp(l_0, ..., l_K) - l_0; weighted float32 (N, D), the softmax-weighted
+  // sum_{k >= 1} p_k queue_k with p = softmax(l_0, ..., l_K), from which the gradients follow
+  // elementwise (loca_kernels/contrastive/ops.py), or (0, D) when not with_grad.
+  m.def("queue_contrastive_forward(Tensor query, Tensor positive, Tensor queue, float inv_temperature, "
+        "bool with_grad) -> (Tensor loss, Tensor weighted)");
 }
