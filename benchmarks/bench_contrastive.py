@@ -1,5 +1,5 @@
 """queue_contrastive_loss, forward + backward, against DenseCL's eager contrastive head (as
-written in openselfsup: einsums, cat, / T, cross-entropy with zero labels) and torch.compile of
+written in openselfsup: einsums, cat, /= T, cross-entropy with zero labels) and torch.compile of
 that head. DenseCL's dense term per GPU: N = 32 x 49 queries (also 256 x 49 on a GPU),
 K = 65536 negatives in a (D, K) buffer, D = 128, T = 0.2. Records time and peak memory (device
 memory on a GPU, resident set on a CPU)."""
@@ -19,7 +19,8 @@ def densecl_head(query, positive, queue_buffer):
     """DenseCL's head on its (D, K) queue buffer, eager."""
     l_pos = torch.einsum("nc,nc->n", query, positive).unsqueeze(-1)
     l_neg = torch.einsum("nc,ck->nk", query, queue_buffer)
-    logits = torch.cat([l_pos, l_neg], dim=1) / TEMPERATURE
+    logits = torch.cat([l_pos, l_neg], dim=1)
+    logits /= TEMPERATURE
     labels = torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)
     return F.cross_entropy(logits, labels)
 
