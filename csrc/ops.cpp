@@ -68,4 +68,13 @@ TORCH_LIBRARY(loca_kernels, m) {
   // in grad_out's dtype; deterministic.
   m.def("crop_features_backward(Tensor grad_out, Tensor view_boxes, Tensor regions, int[] feature_size, "
         "Tensor view_flip, Tensor view_rot90, int sampling_ratio) -> Tensor");
+
+  // InfoNCE against a queue of negatives (SPEC.md section 5), per row: with l_0 = query_i .
+  // positive_i * inv_temperature and l_k = query_i . queue_k * inv_temperature (query, positive
+  // (N, D), queue (K, D), K >= 0, any strides, one dtype), returns (loss, weighted): loss float32
+  // (N,), loss_i = logsumexp(l_0, ..., l_K) - l_0; weighted float32 (N, D), the softmax-weighted
+  // sum_{k >= 1} p_k queue_k with p = softmax(l_0, ..., l_K), from which the gradients follow
+  // elementwise (loca_kernels/contrastive/ops.py), or (0, D) when not with_grad.
+  m.def("queue_contrastive_forward(Tensor query, Tensor positive, Tensor queue, float inv_temperature, "
+        "bool with_grad) -> (Tensor loss, Tensor weighted)");
 }

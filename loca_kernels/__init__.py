@@ -10,8 +10,9 @@ here.
 """
 from ._backends import BACKENDS, backends
 from .attention import KeepRun, consecutive_keep, keep_to_mask, masked_cross_attention, random_keep
+from .contrastive import queue_contrastive_loss
 from .crop import crop_features
-from .losses import LocaLoss, PatchCorrespondenceLoss
+from .losses import DenseContrastiveLoss, LocaLoss, PatchCorrespondenceLoss
 from .matching import patch_matching
 from .modules import ClusteringHead, CrossAttentionBlock, MaskedCrossAttention, PositionPredictor, RotationPredictor
 from .sinkhorn import sinkhorn
@@ -20,7 +21,8 @@ from .targets import gather_at_targets, relative_position_targets
 __all__ = [
     "BACKENDS", "backends",
     "masked_cross_attention", "KeepRun", "consecutive_keep", "random_keep", "keep_to_mask",
-    "relative_position_targets", "gather_at_targets", "sinkhorn", "patch_matching", "crop_features",
+    "relative_position_targets", "gather_at_targets", "sinkhorn", "queue_contrastive_loss", "patch_matching",
+    "crop_features",
     "MaskedCrossAttention", "CrossAttentionBlock", "PositionPredictor", "ClusteringHead", "RotationPredictor",
-    "LocaLoss", "PatchCorrespondenceLoss",
+    "LocaLoss", "DenseContrastiveLoss", "PatchCorrespondenceLoss",
 ]

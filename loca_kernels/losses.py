@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._validation import FLOAT_DTYPES, check_same_device, check_tensor, shape_str, values_checkable
+from .contrastive import queue_contrastive_loss
 from .matching import patch_matching
 from .sinkhorn.distributed import sum_over_ranks
 from .targets import gather_at_targets
@@ -271,8 +272,6 @@ class DenseContrastiveLoss(nn.Module):
     def forward(self, query_global: torch.Tensor, query_dense: torch.Tensor, key_global: torch.Tensor,
                 key_dense: torch.Tensor, query_backbone: torch.Tensor, key_backbone: torch.Tensor,
                 ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
-        from .contrastive import queue_contrastive_loss  # TODO(merge): top-level once contrastive lands
-
         self._check(dict(query_global=query_global, query_dense=query_dense, key_global=key_global,
                          key_dense=key_dense, query_backbone=query_backbone, key_backbone=key_backbone))
         q = F.normalize(query_global, dim=-1)

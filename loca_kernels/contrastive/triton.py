@@ -1,0 +1,88 @@
+"""Triton kernel of queue_contrastive_loss, defined as the operator
+loca_kernels::queue_contrastive_forward_triton (same meaning as
+loca_kernels::queue_contrastive_forward, csrc/ops.cpp).
+
+One program per block of query rows, like flash attention's forward with the queue as keys
+and values: the program loops over queue tiles, keeping per row a running max, a running sum
+of exp(l - max) and (WITH_GRAD) the running exp-weighted sum of queue rows, all in float32.
+A whole row of D is one block (masked past D), so D is limited to TRITON_MAX_DIM.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .._backends import TRITON_INTERPRET
+
+BLOCK_N = 64
+BLOCK_K = 64
+# The interpreter multiplies bf16 tl.dot operands as integers: compute the dots in fp32 there.
+DOT_IN_FP32 = TRITON_INTERPRET
+
+
+@triton.jit
+def _dot(a, b, DOT_FP32: tl.constexpr):
+    # float32 inputs are multiplied in full float32 (not tf32): at temperature 0.005 a logit
+    # is 200 times the dot product, and tf32's 1e-3 relative error would show.
+    if DOT_FP32:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    if a.dtype == tl.float32:
+        return tl.dot(a, b, input_precision="ieee")
+    return tl.dot(a, b)
+
+
+@triton.jit(do_not_specialize=["n", "k", "d"])
+def _forward_kernel(query, positive, queue, loss, weighted, n, k, d, stride_qn, stride_qd, stride_pn, stride_pd,
+                    stride_kk, stride_kd, inv_temperature,
+                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+                    WITH_GRAD: tl.constexpr, DOT_FP32: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    dims = tl.arange(0, BLOCK_D)
+    row_ok = rows < n
+    dim_ok = dims < d
+    ok = row_ok[:, None] & dim_ok[None, :]
+    q = tl.load(query + rows[:, None] * stride_qn + dims[None, :] * stride_qd, mask=ok, other=0.0)
+    p = tl.load(positive + rows[:, None] * stride_pn + dims[None, :] * stride_pd, mask=ok, other=0.0)
+    positive_logit = tl.sum(q.to(tl.float32) * p.to(tl.float32), 1) * inv_temperature
+    # l_0 starts the running max m, with sum exp(l_0 - m) = 1.
+    running_max = positive_logit
+    running_sum = tl.full([BLOCK_N], 1.0, tl.float32)
+    acc = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    cols_lane = tl.arange(0, BLOCK_K)
+    for k0 in range(0, k, BLOCK_K):
+        cols = k0 + cols_lane
+        col_ok = cols < k
+        tile = tl.load(queue + cols[:, None] * stride_kk + dims[None, :] * stride_kd,
+                       mask=col_ok[:, None] & dim_ok[None, :], other=0.0)
+        logits = _dot(q, tl.trans(tile), DOT_FP32) * inv_temperature
+        logits = tl.where(col_ok[None, :], logits, float("-inf"))
+        grown = tl.maximum(running_max, tl.max(logits, 1))
+        rescale = tl.exp(running_max - grown)
+        e = tl.exp(logits - grown[:, None])
+        running_sum = running_sum * rescale + tl.sum(e, 1)
+        running_max = grown
+        if WITH_GRAD:
+            acc = acc * rescale[:, None] + _dot(e.to(tile.dtype), tile, DOT_FP32)
+    tl.store(loss + rows, running_max + tl.log(running_sum) - positive_logit, mask=row_ok)
+    if WITH_GRAD:
+        tl.store(weighted + rows[:, None] * d + dims[None, :], acc / running_sum[:, None], mask=ok)
+
+
+def block_d(d: int) -> int:
+    """The D block of the kernel: a power of two, at least 16 for tl.dot."""
+    return max(16, triton.next_power_of_2(d))
+
+
+@torch.library.custom_op("loca_kernels::queue_contrastive_forward_triton", mutates_args=())
+def queue_contrastive_forward_triton(query: torch.Tensor, positive: torch.Tensor, queue: torch.Tensor,
+                                     inv_temperature: float, with_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Triton twin of loca_kernels::queue_contrastive_forward (any strides)."""
+    n, d = query.shape
+    loss = torch.empty(n, dtype=torch.float32, device=query.device)
+    weighted = torch.empty(n if with_grad else 0, d, dtype=torch.float32, device=query.device)
+    _forward_kernel[(triton.cdiv(n, BLOCK_N),)](
+        query, positive, queue, loss, weighted, n, queue.shape[0], d, *query.stride(), *positive.stride(),
+        *queue.stride(), inv_temperature, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, BLOCK_D=block_d(d),
+        WITH_GRAD=with_grad, DOT_FP32=DOT_IN_FP32)
+    return loss, weighted
