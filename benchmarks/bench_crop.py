@@ -87,28 +87,31 @@ def eager_step(teacher, students, boxes, turns):
     return loss
 
 
-def ours_step(teacher, students, boxes, turns, backend):
-    """The four crop_features calls; teacher and student views concatenated view-major."""
-    b = boxes.shape[0]
+def ours_pooled(teacher, students, boxes, turns, backend):
+    """The four crop_features calls, views concatenated view-major: the teacher globals over the
+    other global (2B, 1, C, 10, 10) and over the locals (2B, 8, C, 4, 4), the student globals
+    over the other global (2B, 1, C, 10, 10), the student locals over the globals (8B, 2, C, 4, 4)."""
     teacher_views = boxes[:, :GLOBALS].transpose(0, 1).reshape(-1, 4)
     teacher_turns = turns[:, :GLOBALS].t().reshape(-1)
     pair_regions = torch.stack([geometry.intersection_boxes(boxes[:, t, None], boxes)[0]
                                 for t in range(GLOBALS)])                              # (2, B, 10, 4)
     other_global = torch.stack([pair_regions[1, :, 0], pair_regions[0, :, 1]])      # (2, B, 4)
-    out = []
     t_maps = torch.cat(teacher)
-    out.append(lk.crop_features(t_maps, teacher_views, other_global.reshape(-1, 1, 4), (10, 10),
-                                view_rot90=teacher_turns, backend=backend))
-    out.append(lk.crop_features(t_maps, teacher_views, pair_regions[:, :, GLOBALS:].reshape(-1, LOCALS, 4), (4, 4),
-                                view_rot90=teacher_turns, backend=backend))
-    out.append(lk.crop_features(torch.cat(students[:GLOBALS]), teacher_views, other_global.reshape(-1, 1, 4),
-                                (10, 10), view_rot90=teacher_turns, backend=backend))
+    t_global = lk.crop_features(t_maps, teacher_views, other_global.reshape(-1, 1, 4), (10, 10),
+                                view_rot90=teacher_turns, backend=backend)
+    t_local = lk.crop_features(t_maps, teacher_views, pair_regions[:, :, GLOBALS:].reshape(-1, LOCALS, 4), (4, 4),
+                               view_rot90=teacher_turns, backend=backend)
+    s_global = lk.crop_features(torch.cat(students[:GLOBALS]), teacher_views, other_global.reshape(-1, 1, 4),
+                                (10, 10), view_rot90=teacher_turns, backend=backend)
     local_views = boxes[:, GLOBALS:].transpose(0, 1).reshape(-1, 4)
     local_regions = pair_regions[:, :, GLOBALS:].permute(2, 1, 0, 3).reshape(-1, GLOBALS, 4)
-    out.append(lk.crop_features(torch.cat(students[GLOBALS:]), local_views, local_regions, (4, 4),
-                                view_rot90=turns[:, GLOBALS:].t().reshape(-1), backend=backend))
-    assert out[3].shape[0] == LOCALS * b
-    return sum(o.float().mean() for o in out[2:]) + sum(o.float().mean() for o in out[:2])
+    s_local = lk.crop_features(torch.cat(students[GLOBALS:]), local_views, local_regions, (4, 4),
+                               view_rot90=turns[:, GLOBALS:].t().reshape(-1), backend=backend)
+    return t_global, t_local, s_global, s_local
+
+
+def ours_step(teacher, students, boxes, turns, backend):
+    return sum(o.float().mean() for o in ours_pooled(teacher, students, boxes, turns, backend))
 
 
 @pytest.mark.parametrize("batch", BATCHES)
