@@ -114,21 +114,27 @@ def ours_step(teacher, students, boxes, turns, backend):
     return sum(o.float().mean() for o in ours_pooled(teacher, students, boxes, turns, backend))
 
 
-@pytest.mark.parametrize("batch", BATCHES)
-@pytest.mark.parametrize("impl", IMPLS)
-def test_crop_features_gtsa_step(benchmark, impl, batch):
-    benchmark.group = f"crop_features GTSA step B={batch} C={CHANNELS}"
+def make_step(batch: int):
+    """Teacher maps (2 x (B, C, 14, 14)), student maps (2 x (B, C, 14, 14), 8 x (B, C, 6, 6),
+    requiring grad), view boxes and turns of one GTSA step."""
     boxes, turns = (t.to(DEVICE) for t in gtsa_views(batch))
     gen = torch.Generator().manual_seed(1)
     teacher = [torch.randn(batch, CHANNELS, 14, 14, generator=gen).to(DEVICE) for _ in range(GLOBALS)]
     students = [torch.randn(batch, CHANNELS, side, side, generator=gen).to(DEVICE).requires_grad_()
                 for side in [14] * GLOBALS + [6] * LOCALS]
+    return teacher, students, boxes, turns
+
+
+def benchmark_step(benchmark, impl, batch, eager, ours, **info):
+    """Time forward + backward into the student maps of `eager` or `ours` (teacher, students,
+    boxes, turns[, backend]) -> loss at batch `batch`; skip a backend that cannot run here."""
+    teacher, students, boxes, turns = make_step(batch)
 
     def call():
         for s in students:
             s.grad = None
-        loss = (eager_step(teacher, students, boxes, turns) if impl == "eager"
-                else ours_step(teacher, students, boxes, turns, impl))
+        loss = eager(teacher, students, boxes, turns) if impl == "eager" else ours(teacher, students, boxes, turns,
+                                                                                    impl)
         loss.backward()
         return loss
 
@@ -136,6 +142,13 @@ def test_crop_features_gtsa_step(benchmark, impl, batch):
         call()
     except (RuntimeError, ValueError) as error:  # a backend this op lacks or cannot run here
         pytest.skip(str(error))
-    maps = sum(s.numel() for s in students) + sum(t.numel() for t in teacher)
-    run_benchmark(benchmark, call, bytes_moved=maps * 4 * 2, impl=impl, batch=batch, channels=CHANNELS,
-                  pairs=GLOBALS * (GLOBALS + LOCALS - 1))
+    run_benchmark(benchmark, call, impl=impl, batch=batch, channels=CHANNELS, pairs=GLOBALS * (GLOBALS + LOCALS - 1),
+                  **info)
+
+
+@pytest.mark.parametrize("batch", BATCHES)
+@pytest.mark.parametrize("impl", IMPLS)
+def test_crop_features_gtsa_step(benchmark, impl, batch):
+    benchmark.group = f"crop_features GTSA step B={batch} C={CHANNELS}"
+    maps = batch * CHANNELS * (GLOBALS * 14 * 14 * 2 + LOCALS * 6 * 6)
+    benchmark_step(benchmark, impl, batch, eager_step, ours_step, bytes_moved=maps * 4 * 2)

@@ -25,11 +25,12 @@ import torch
 import torch.nn.functional as F
 
 import loca_kernels as lk
-from bench_crop import GLOBALS, LOCALS, gtsa_views, ours_pooled, pixel_box, roi_align_grid_sample, rotate_by
-from conftest import DEVICE, ON_GPU, run_benchmark
+from bench_crop import (CHANNELS, GLOBALS, LOCALS, benchmark_step, ours_pooled, pixel_box, roi_align_grid_sample,
+                        rotate_by)
+from conftest import ON_GPU
 from loca_kernels.targets import geometry
 
-BATCH, CHANNELS = 64, 768
+BATCH = 64
 MATCHES = {14: 98, 6: 18}      # GTSA's num_matches by the student's map side
 IMPLS = ("eager", "triton") if ON_GPU else ("eager", "cpu")
 try:
@@ -103,31 +104,7 @@ def ours_step(teacher, students, boxes, turns, backend):
     return crop / pairs + correspondence / pairs
 
 
-def make_step(batch):
-    boxes, turns = (t.to(DEVICE) for t in gtsa_views(batch))
-    gen = torch.Generator().manual_seed(1)
-    teacher = [torch.randn(batch, CHANNELS, 14, 14, generator=gen).to(DEVICE) for _ in range(GLOBALS)]
-    students = [torch.randn(batch, CHANNELS, side, side, generator=gen).to(DEVICE).requires_grad_()
-                for side in [14] * GLOBALS + [6] * LOCALS]
-    return teacher, students, boxes, turns
-
-
 @pytest.mark.parametrize("impl", IMPLS)
 def test_gtsa_step(benchmark, impl):
     benchmark.group = f"GTSA step pair work B={BATCH} C={CHANNELS} (18 pairs)"
-    teacher, students, boxes, turns = make_step(BATCH)
-
-    def call():
-        for s in students:
-            s.grad = None
-        loss = (eager_step(teacher, students, boxes, turns) if impl == "eager"
-                else ours_step(teacher, students, boxes, turns, impl))
-        loss.backward()
-        return loss
-
-    try:
-        call()
-    except (RuntimeError, ValueError) as error:  # a backend that cannot run here
-        pytest.skip(str(error))
-    run_benchmark(benchmark, call, impl=impl, batch=BATCH, channels=CHANNELS, peer=PEER,
-                  pairs=GLOBALS * (GLOBALS + LOCALS - 1))
+    benchmark_step(benchmark, impl, BATCH, eager_step, ours_step, peer=PEER)
