@@ -44,7 +44,7 @@ int64_t padded(int64_t n) {
 // Query rows per block: a block's scores (kQueryBlock x visible keys) stay in cache.
 constexpr int64_t kQueryBlock = 64;
 
-// Per instruction set the hot loops are compiled for: the native vector (kVectorBytes) and the
+// Per instruction set (IsaTile<kIsa> in LOCA_CPU_VARIANTS below): the native vector (kVectorBytes) and the
 // register tile of the matrix products, kTileRows x kTileVectors vectors of accumulators
 // (8 of the 32 zmm registers of AVX-512, 8 of the 16 ymm of AVX2, 8 of the 16 xmm of SSE2).
 template <loca_kernels::CpuIsa>
