@@ -6,7 +6,9 @@
 #include <torch/library.h>
 
 #include <string>
+#include <vector>
 
+#include "loca_kernels/attention.h"
 #include "loca_kernels/cpu_math.h"
 
 // Importing loca_kernels._C registers the operators; the module itself is empty.
@@ -18,6 +20,12 @@ extern "C" PyObject* PyInit__C(void) {
 TORCH_LIBRARY(loca_kernels, m) {
   // The instruction set the C++ CPU kernels run with: "avx512", "avx2" or "baseline".
   m.def("cpu_isa() -> str", [] { return std::string(loca_kernels::cpu_isa_name(loca_kernels::cpu_isa())); });
+  // The head dims D the CUDA attention kernels are compiled for (whether or not this build has
+  // them: ask the dispatcher for that), from the one list in loca_kernels/attention.h.
+  m.def("attention_cuda_head_dims() -> int[]", [] {
+    return std::vector<int64_t>(std::begin(loca_kernels::kAttentionCudaHeadDims),
+                                std::end(loca_kernels::kAttentionCudaHeadDims));
+  });
 
   // Masked query-to-reference cross-attention (SPEC.md section 1), on compact keep lists:
   // query row i uses keep row i % R (R = keep_index.size(0), one of 1, Bk, Bq).

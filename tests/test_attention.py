@@ -138,6 +138,40 @@ def test_errors(case):
         lk.masked_cross_attention(**args)
 
 
+def _direct_call_args(**replace):
+    """Valid arguments of loca_kernels::attention_forward (Nk = 5) but for `replace`; tuples become int32 tensors."""
+    q, k, v = make(2, 1, 3, 5, 2, 8, dtype=torch.float32)
+    args = dict(q=q, k=k, v=v, keep_index=((0, 1, 3), (0, 2, 4)), keep_count=(3, 3), keep_is_run=False, scale=0.25)
+    args.update(replace)
+    return {name: torch.tensor(a, dtype=torch.int32) if isinstance(a, tuple) else a for name, a in args.items()}
+
+
+# The C++ CPU kernels check every argument themselves (csrc/attention/checks.h and cpu.cpp): a direct
+# caller of the operator cannot make them read out of bounds or count a token twice.
+CPU_OPERATOR_ERRORS = {
+    "repeated": (dict(keep_index=((0, 1, 3), (2, 4, 2))), ValueError,
+                 r"keep_index\[1, 2\]=2 repeats a position of its row; the visible positions of a row must be "
+                 "distinct"),
+    "range": (dict(keep_index=((0, 1, 5), (0, 2, 4))), ValueError, r"keep_index\[0, 2\]=5 is out of range \[0, Nk=5\)"),
+    "count": (dict(keep_count=(3, 4)), ValueError, r"keep_count\[1\]=4 is out of range"),
+    "run": (dict(keep_index=((4,), (0,)), keep_count=(2, 2), keep_is_run=True), ValueError,
+            r"keep run of row 0 \(start 4, length 2\) does not fit in Nk=5"),
+    "keep_dtype": (dict(keep_index=torch.zeros(2, 3, dtype=torch.int64)), TypeError,
+                   "keep_index and keep_count must be int32, got Long and Int"),
+    "dtype_mix": (dict(v=torch.zeros(2, 5, 2, 8, dtype=torch.float64)), TypeError,
+                  "v has dtype Double but q has Float; they must match"),
+}
+
+
+@pytest.mark.skipif(not extension_has_kernel("attention_forward", "CPU"), reason="extension built without CPU kernels")
+@pytest.mark.parametrize("case", CPU_OPERATOR_ERRORS)
+def test_cpu_operator_checks_its_arguments(case):
+    replace, kind, match = CPU_OPERATOR_ERRORS[case]
+    with pytest.raises(kind, match=r"^loca_kernels\.attention_forward \(cpu\): " + match):
+        torch.ops.loca_kernels.attention_forward(**_direct_call_args(**replace))
+    torch.ops.loca_kernels.attention_forward(**_direct_call_args())  # the unchanged arguments are valid
+
+
 def test_inputs_are_not_written():
     q, k, v = _base()
     copies = [t.clone() for t in (q, k, v)]

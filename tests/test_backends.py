@@ -89,3 +89,12 @@ def test_every_cpu_instruction_set_variant_matches_the_reference(isa, tmp_path):
     for mode, got in zip(("loca", "swav"), r["assignments"]):
         assert_close(got, loca_kernels.sinkhorn(r["scores"], mode=mode, backend="torch").double(), torch.float32,
                      f"{isa} sinkhorn {mode}")
+
+
+def test_cuda_head_dims_are_the_extensions_list():
+    # One list (csrc/include/loca_kernels/attention.h), read through an operator; Python holds
+    # it only where the extension has the CUDA kernels, so "cuda" refuses before asking it.
+    from loca_kernels.attention import CUDA_HEAD_DIMS
+    dims = tuple(torch.ops.loca_kernels.attention_cuda_head_dims())
+    assert dims and all(d > 0 and d % 16 == 0 for d in dims), dims  # the mma tiles need multiples of 16
+    assert CUDA_HEAD_DIMS == (dims if loca_kernels.backends()["cuda_kernels"] else ())

@@ -23,6 +23,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "checks.h"
 #include "loca_kernels/cpu_math.h"
 
 namespace {
@@ -43,16 +44,21 @@ int64_t padded(int64_t n) {
 // Query rows per block: a block's scores (kQueryBlock x visible keys) stay in cache.
 constexpr int64_t kQueryBlock = 64;
 
-// Instruction sets the hot loops are compiled for: the native vector (kVectorBytes) and the
+// Per instruction set (IsaTile<kIsa> in LOCA_CPU_VARIANTS below): the native vector (kVectorBytes) and the
 // register tile of the matrix products, kTileRows x kTileVectors vectors of accumulators
 // (8 of the 32 zmm registers of AVX-512, 8 of the 16 ymm of AVX2, 8 of the 16 xmm of SSE2).
-struct Baseline {
+template <loca_kernels::CpuIsa>
+struct IsaTile;
+template <>
+struct IsaTile<loca_kernels::CpuIsa::kBaseline> {
   static constexpr int64_t kVectorBytes = 16, kTileRows = 4, kTileVectors = 2;
 };
-struct Avx2 {
+template <>
+struct IsaTile<loca_kernels::CpuIsa::kAvx2> {
   static constexpr int64_t kVectorBytes = 32, kTileRows = 4, kTileVectors = 2;
 };
-struct Avx512 {
+template <>
+struct IsaTile<loca_kernels::CpuIsa::kAvx512> {
   static constexpr int64_t kVectorBytes = 64, kTileRows = 4, kTileVectors = 2;
 };
 
@@ -389,104 +395,59 @@ void backward_tasks(const Problem<scalar_t>& p, int64_t begin, int64_t end) {
 
 // Run-time choice of the instruction set (loca_kernels::cpu_isa()): each entry point below is
 // its loop nest compiled (flattened, so every helper is inlined into it) for one target.
-#ifdef LOCA_KERNELS_X86_VARIANTS
-// The build turns off fp contraction (-ffp-contract=off); here a * b + c should be one FMA.
-// (clang: the pragma in tile().)
-#ifdef __clang__
-#define LOCA_CONTRACT
-#else
+// The build turns off fp contraction (-ffp-contract=off); in the AVX2 and AVX-512 variants
+// a * b + c should be one FMA. (clang: the pragma in tile().)
+#if defined(LOCA_KERNELS_X86_VARIANTS) && !defined(__clang__)
 #define LOCA_CONTRACT __attribute__((optimize("fp-contract=fast")))
+#else
+#define LOCA_CONTRACT
 #endif
-
-template <typename scalar_t>
-LOCA_TARGET_AVX512 LOCA_CONTRACT void forward_avx512(const Problem<scalar_t>& p, int64_t begin, int64_t end) {
-  forward_items<Avx512>(p, begin, end);
-}
-template <typename scalar_t>
-LOCA_TARGET_AVX2 LOCA_CONTRACT void forward_avx2(const Problem<scalar_t>& p, int64_t begin, int64_t end) {
-  forward_items<Avx2>(p, begin, end);
-}
-template <typename scalar_t>
-LOCA_TARGET_AVX512 LOCA_CONTRACT void backward_avx512(const Problem<scalar_t>& p, int64_t begin, int64_t end) {
-  backward_tasks<Avx512>(p, begin, end);
-}
-template <typename scalar_t>
-LOCA_TARGET_AVX2 LOCA_CONTRACT void backward_avx2(const Problem<scalar_t>& p, int64_t begin, int64_t end) {
-  backward_tasks<Avx2>(p, begin, end);
-}
-#endif
-
-template <typename scalar_t>
-__attribute__((flatten)) void forward_baseline(const Problem<scalar_t>& p, int64_t begin, int64_t end) {
-  forward_items<Baseline>(p, begin, end);
-}
-template <typename scalar_t>
-__attribute__((flatten)) void backward_baseline(const Problem<scalar_t>& p, int64_t begin, int64_t end) {
-  backward_tasks<Baseline>(p, begin, end);
-}
+LOCA_CPU_VARIANTS(forward, LOCA_CONTRACT, (const Problem<scalar_t>& p, int64_t begin, int64_t end),
+                  forward_items<IsaTile<kIsa>>(p, begin, end))
+LOCA_CPU_VARIANTS(backward, LOCA_CONTRACT, (const Problem<scalar_t>& p, int64_t begin, int64_t end),
+                  backward_tasks<IsaTile<kIsa>>(p, begin, end))
 
 // ---- torch glue ---------------------------------------------------------------------------
 
-void check_tokens(const char* op, const char* name, const at::Tensor& t, const at::Tensor& q) {
-  TORCH_CHECK(t.dim() == 4, op, ": ", name, " must be (B, N, H, D), got shape ", t.sizes());
-  TORCH_CHECK(t.device().is_cpu(), op, ": ", name, " must be on the CPU, got ", t.device());
-  TORCH_CHECK(t.scalar_type() == q.scalar_type(), op, ": ", name, " has dtype ", t.scalar_type(), " but q has ",
-              q.scalar_type());
-  TORCH_CHECK(t.stride(3) == 1 || t.size(3) == 1, op, ": ", name, " must be contiguous along D, got strides ",
-              t.strides());
+// Checks the inputs: checks.h, then what the CPU kernels take. Returns keep_index made contiguous.
+at::Tensor check_inputs(const loca_kernels::ErrorPrefix& where, const at::Tensor& q, const at::Tensor& k,
+                        const at::Tensor& v, const at::Tensor& keep_index, const at::Tensor& keep_count,
+                        bool keep_is_run) {
+  at::Tensor index =
+      loca_kernels::check_attention_inputs(where, c10::kCPU, q, k, v, keep_index, keep_count, keep_is_run);
+  loca_kernels::check_cpu_float(where, "q", q);
+  for (int64_t dim = 0; dim < 4; ++dim)
+    TORCH_CHECK_VALUE(q.size(dim) > 0 && k.size(dim) > 0, where, ": every dimension must be >= 1, got q ",
+                      q.sizes(), " and k ", k.sizes());
+  return index;
 }
 
-// Checks shapes, dtypes and every keep value (positions in range and distinct), so that a
-// direct caller of the operator cannot make the kernel read out of bounds. Returns the keep.
-Keep check_inputs(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                  const at::Tensor& keep_index, const at::Tensor& keep_count, bool keep_is_run) {
-  check_tokens(op, "q", q, q);
-  check_tokens(op, "k", k, q);
-  check_tokens(op, "v", v, q);
-  const auto dtype = q.scalar_type();
-  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf || dtype == at::kBFloat16, op,
-              ": dtype must be float32, float64, float16 or bfloat16, got ", dtype);
-  TORCH_CHECK(k.sizes() == v.sizes(), op, ": k and v must have one shape, got ", k.sizes(), " and ", v.sizes());
-  TORCH_CHECK(q.size(2) == k.size(2) && q.size(3) == k.size(3), op, ": q ", q.sizes(), " and k ", k.sizes(),
-              " must share H and D");
-  for (int64_t dim = 0; dim < 4; ++dim)
-    TORCH_CHECK(q.size(dim) > 0 && k.size(dim) > 0, op, ": every dimension must be >= 1, got q ", q.sizes(),
-                " and k ", k.sizes());
-  const int64_t bq = q.size(0), bk = k.size(0), nk = k.size(1);
-  TORCH_CHECK(bq % bk == 0, op, ": Bq=", bq, " must be a multiple of Bk=", bk);
-  TORCH_CHECK(keep_index.scalar_type() == at::kInt && keep_count.scalar_type() == at::kInt, op,
-              ": keep_index and keep_count must be int32, got ", keep_index.scalar_type(), " and ",
-              keep_count.scalar_type());
-  TORCH_CHECK(keep_index.device().is_cpu() && keep_count.device().is_cpu(), op,
-              ": keep_index and keep_count must be on the CPU");
-  TORCH_CHECK(keep_index.dim() == 2 && keep_count.dim() == 1 && keep_count.size(0) == keep_index.size(0), op,
-              ": keep_index must be (R, L) and keep_count (R,), got ", keep_index.sizes(), " and ",
-              keep_count.sizes());
-  const int64_t rows = keep_index.size(0), width = keep_index.size(1);
-  TORCH_CHECK(rows == 1 || rows == bk || rows == bq, op, ": keep must have R in (1, Bk=", bk, ", Bq=", bq,
-              ") rows, got ", rows);
-  TORCH_CHECK(keep_index.stride(1) == 1 || width <= 1, op, ": keep_index must be contiguous along L");
-  TORCH_CHECK(keep_count.is_contiguous(), op, ": keep_count must be contiguous");
-  Keep keep{keep_index.data_ptr<int32_t>(), keep_count.data_ptr<int32_t>(), rows, keep_index.stride(0),
-            keep_is_run, 0};
+// The keep of `index` (checked keep_index, contiguous) after checking every value: counts and
+// positions in range, positions of a row distinct, so that a direct caller of the operator cannot
+// make the kernel read out of bounds or count a token twice.
+Keep checked_keep(const loca_kernels::ErrorPrefix& where, const at::Tensor& index, const at::Tensor& keep_count,
+                  bool keep_is_run, int64_t nk) {
+  const int64_t rows = index.size(0), width = index.size(1);
+  Keep keep{index.data_ptr<int32_t>(), keep_count.data_ptr<int32_t>(), rows, width, keep_is_run, 0};
   std::vector<uint8_t> seen(nk);
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t count = keep.count[r];
-    TORCH_CHECK(count >= 0 && count <= nk && (keep_is_run ? count == 0 || width >= 1 : count <= width), op,
-                ": keep_count[", r, "]=", count, " is out of range for Nk=", nk, " and keep_index ",
-                keep_index.sizes());
+    TORCH_CHECK_VALUE(count >= 0 && count <= nk && (keep_is_run || count <= width), where, ": keep_count[", r,
+                      "]=", count, " is out of range for Nk=", nk, " and keep_index of shape ", index.sizes());
     keep.max_count = std::max(keep.max_count, count);
     if (keep_is_run) {
-      TORCH_CHECK(count == 0 || (keep.index[r * keep.width] >= 0 && keep.index[r * keep.width] + count <= nk), op,
-                  ": keep run of row ", r, " (start ", count ? keep.index[r * keep.width] : 0, ", length ", count,
-                  ") does not fit in Nk=", nk);
+      TORCH_CHECK_VALUE(count == 0 || (keep.index[r * width] >= 0 && keep.index[r * width] + count <= nk), where,
+                        ": keep run of row ", r, " (start ", count ? keep.index[r * width] : 0, ", length ", count,
+                        ") does not fit in Nk=", nk);
       continue;
     }
     std::fill(seen.begin(), seen.end(), 0);
     for (int64_t j = 0; j < count; ++j) {
-      const int64_t n = keep.index[r * keep.width + j];
-      TORCH_CHECK(n >= 0 && n < nk && !seen[n], op, ": keep_index[", r, ", ", j, "]=", n,
-                  " is out of range [0, ", nk, ") or repeated");
+      const int64_t n = keep.index[r * width + j];
+      TORCH_CHECK_VALUE(n >= 0 && n < nk, where, ": keep_index[", r, ", ", j, "]=", n, " is out of range [0, Nk=", nk,
+                        ")");
+      TORCH_CHECK_VALUE(!seen[n], where, ": keep_index[", r, ", ", j, "]=", n,
+                        " repeats a position of its row; the visible positions of a row must be distinct");
       seen[n] = 1;
     }
   }
@@ -508,7 +469,9 @@ std::tuple<at::Tensor, at::Tensor> attention_forward_cpu(const at::Tensor& q, co
                                                          const at::Tensor& v, const at::Tensor& keep_index,
                                                          const at::Tensor& keep_count, bool keep_is_run,
                                                          double scale) {
-  const Keep keep = check_inputs("attention_forward", q, k, v, keep_index, keep_count, keep_is_run);
+  const loca_kernels::ErrorPrefix where{"attention_forward", "cpu"};
+  const at::Tensor index = check_inputs(where, q, k, v, keep_index, keep_count, keep_is_run);
+  const Keep keep = checked_keep(where, index, keep_count, keep_is_run, k.size(1));
   at::Tensor out = at::empty(q.sizes(), q.options());
   at::Tensor lse = at::empty({q.size(0), q.size(2), q.size(1)}, q.options().dtype(at::kFloat));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "attention_forward_cpu", [&] {
@@ -523,12 +486,12 @@ std::tuple<at::Tensor, at::Tensor> attention_forward_cpu(const at::Tensor& q, co
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cpu(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-    const at::Tensor& /*out*/, const at::Tensor& /*lse*/, const at::Tensor& keep_index, const at::Tensor& keep_count,
+    const at::Tensor& out, const at::Tensor& lse, const at::Tensor& keep_index, const at::Tensor& keep_count,
     bool keep_is_run, double scale) {
-  const Keep keep = check_inputs("attention_backward", q, k, v, keep_index, keep_count, keep_is_run);
-  check_tokens("attention_backward", "grad_out", grad_out, q);
-  TORCH_CHECK(grad_out.sizes() == q.sizes(), "attention_backward: grad_out must have q's shape ", q.sizes(),
-              ", got ", grad_out.sizes());
+  const loca_kernels::ErrorPrefix where{"attention_backward", "cpu"};
+  const at::Tensor index = check_inputs(where, q, k, v, keep_index, keep_count, keep_is_run);
+  const Keep keep = checked_keep(where, index, keep_count, keep_is_run, k.size(1));
+  loca_kernels::check_attention_backward_inputs(where, q, grad_out, out, lse);
   at::Tensor grad_q = at::empty(q.sizes(), q.options());
   at::Tensor grad_k = at::empty(k.sizes(), k.options());
   at::Tensor grad_v = at::empty(v.sizes(), v.options());

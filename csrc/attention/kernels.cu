@@ -226,6 +226,68 @@ __device__ inline void store_tile(const uint16_t* tile, int rows, DestOf dest_of
   }
 }
 
+// delta = rowsum(dO * O) of query row (i, n, h), with dO a row of a shared tile, computed by one
+// warp (the sum in every lane); 0 past nq.
+template <class Ty, int D>
+__device__ inline float warp_row_delta(const uint16_t* grad_out_row, const AttentionTensor& out, int i, int n, int h,
+                                       int nq) {
+  float acc = 0.f;
+  if (n < nq) {
+    const uint16_t* out_row = row_ptr<const uint16_t>(out, i, n, h);
+    for (int d = threadIdx.x & 31; d < D; d += 32) acc += Ty::to_float(grad_out_row[d]) * Ty::to_float(out_row[d]);
+  }
+  return warp_sum(acc);
+}
+
+// Query rows n0 .. n0 + rows of (query batch row i, head h) of t into a shared tile; rows past nq
+// are zero.
+template <int D>
+__device__ inline void load_query_tile(uint16_t* tile, int rows, const AttentionTensor& t, int i, int n0, int h,
+                                       int nq, bool vec) {
+  load_tile<D>(tile, rows, [&](int r) -> const uint16_t* {
+    return n0 + r < nq ? row_ptr<const uint16_t>(t, i, n0 + r, h) : nullptr;
+  }, vec);
+}
+
+// The reverse: a shared tile out to query rows n0 .. n0 + rows of (i, h) of t, those before nq.
+template <int D>
+__device__ inline void store_query_tile(const uint16_t* tile, int rows, const AttentionTensor& t, int i, int n0,
+                                        int h, int nq, bool vec) {
+  store_tile<D>(tile, rows, [&](int r) -> uint16_t* {
+    return n0 + r < nq ? row_ptr<uint16_t>(t, i, n0 + r, h) : nullptr;
+  }, vec);
+}
+
+// Stage the keys and values of the tokens tokens[0..rows) (-1: a zero row, so that P = 0 there
+// never meets garbage, which could be NaN) of (reference b, head h) in shared tiles.
+template <int D>
+__device__ inline void load_key_tiles(uint16_t* k_tile, uint16_t* v_tile, const int* tokens, int rows,
+                                      const AttentionTensor& k, const AttentionTensor& v, int b, int h, bool vec) {
+  load_tile<D>(k_tile, rows, [&](int r) -> const uint16_t* {
+    return tokens[r] >= 0 ? row_ptr<const uint16_t>(k, b, tokens[r], h) : nullptr;
+  }, vec);
+  load_tile<D>(v_tile, rows, [&](int r) -> const uint16_t* {
+    return tokens[r] >= 0 ? row_ptr<const uint16_t>(v, b, tokens[r], h) : nullptr;
+  }, vec);
+}
+
+// The next block of a query row's visible keys: positions p0 .. p0 + kKeys of `row` into
+// tokens[] and their keys and values into the shared tiles, between barriers (the previous block
+// is no longer read when it starts; the tiles are complete when it returns).
+template <int D, int kKeys>
+__device__ inline void load_key_block(uint16_t* k_tile, uint16_t* v_tile, int* tokens, const KeepRow& row, int p0,
+                                      const AttentionTensor& k, const AttentionTensor& v, int b, int h, int nk,
+                                      bool vec) {
+  __syncthreads();
+  if (threadIdx.x < kKeys) {
+    const int pos = p0 + threadIdx.x;
+    tokens[threadIdx.x] = pos < row.count ? token_of(row, pos, nk) : -1;
+  }
+  __syncthreads();
+  load_key_tiles<D>(k_tile, v_tile, tokens, kKeys, k, v, b, h, vec);
+  __syncthreads();
+}
+
 // Write a warp's accumulators (rows row0..row0+15, NT * 8 columns) into a shared tile; row
 // g (+ 8) is multiplied by row_scale[0] ([1]).
 template <class Ty, int NT>
@@ -290,10 +352,7 @@ __global__ void __launch_bounds__(kThreads) forward_mma_kernel(const AttentionFo
   const bool warp_active = qt.n0 + row0 < s.nq;  // warps holding only padding rows skip the math
   const float scale2 = p.scale * kLog2e;           // scores in the log2 domain
 
-  load_tile<D>(q_tile, kTileRows, [&](int r) -> const uint16_t* {
-    const int n = qt.n0 + r;
-    return n < s.nq ? row_ptr<const uint16_t>(p.q, qt.i, n, qt.h) : nullptr;
-  }, vec);
+  load_query_tile<D>(q_tile, kTileRows, p.q, qt.i, qt.n0, qt.h, s.nq, vec);
   __syncthreads();
   uint32_t q_frag[D / 16][4];
 #pragma unroll
@@ -305,20 +364,7 @@ __global__ void __launch_bounds__(kThreads) forward_mma_kernel(const AttentionFo
   float l[2] = {0.f, 0.f};              // this lane's part of the running sum
 
   for (int p0 = 0; p0 < row.count; p0 += kKeys) {
-    __syncthreads();  // the previous key block is no longer read
-    if (threadIdx.x < kKeys) {
-      const int pos = p0 + threadIdx.x;
-      tokens[threadIdx.x] = pos < row.count ? token_of(row, pos, s.nk) : -1;
-    }
-    __syncthreads();
-    // Rows past the visible count are zero: P is 0 there, and 0 * garbage could be NaN.
-    load_tile<D>(k_tile, kKeys, [&](int r) -> const uint16_t* {
-      return tokens[r] >= 0 ? row_ptr<const uint16_t>(p.k, qt.b, tokens[r], qt.h) : nullptr;
-    }, vec);
-    load_tile<D>(v_tile, kKeys, [&](int r) -> const uint16_t* {
-      return tokens[r] >= 0 ? row_ptr<const uint16_t>(p.v, qt.b, tokens[r], qt.h) : nullptr;
-    }, vec);
-    __syncthreads();
+    load_key_block<D, kKeys>(k_tile, v_tile, tokens, row, p0, p.k, p.v, qt.b, qt.h, s.nk, vec);
     if (!warp_active) continue;
 
     float sc[kKeys / 8][4];
@@ -389,10 +435,7 @@ __global__ void __launch_bounds__(kThreads) forward_mma_kernel(const AttentionFo
   __syncthreads();  // every warp is done with the shared tiles
   accumulator_to_tile<Ty>(q_tile, kStride, row0, o, inv_l, lane);
   __syncthreads();
-  store_tile<D>(q_tile, kTileRows, [&](int r) -> uint16_t* {
-    const int n = qt.n0 + r;
-    return n < s.nq ? row_ptr<uint16_t>(p.out, qt.i, n, qt.h) : nullptr;
-  }, vec);
+  store_query_tile<D>(q_tile, kTileRows, p.out, qt.i, qt.n0, qt.h, s.nq, vec);
 }
 
 // Whether every view of a reference uses the same keep row (R = 1 or Bk, or one view).
@@ -437,26 +480,14 @@ __global__ void __launch_bounds__(kThreads) grad_q_mma_kernel(const AttentionBac
   const float scale2 = p.scale * kLog2e;
   const int64_t stat_base = (static_cast<int64_t>(qt.i) * s.heads + qt.h) * s.nq;
 
-  load_tile<D>(q_tile, kTileRows, [&](int r) -> const uint16_t* {
-    const int n = qt.n0 + r;
-    return n < s.nq ? row_ptr<const uint16_t>(p.q, qt.i, n, qt.h) : nullptr;
-  }, vec);
-  load_tile<D>(do_tile, kTileRows, [&](int r) -> const uint16_t* {
-    const int n = qt.n0 + r;
-    return n < s.nq ? row_ptr<const uint16_t>(p.grad_out, qt.i, n, qt.h) : nullptr;
-  }, vec);
+  load_query_tile<D>(q_tile, kTileRows, p.q, qt.i, qt.n0, qt.h, s.nq, vec);
+  load_query_tile<D>(do_tile, kTileRows, p.grad_out, qt.i, qt.n0, qt.h, s.nq, vec);
   __syncthreads();
 
   // delta = rowsum(dO * O), one warp per row; saved for grad_kv_mma_kernel.
   for (int rr = 0; rr < kRowsPerWarp; ++rr) {
     const int n = qt.n0 + row0 + rr;
-    float acc = 0.f;
-    if (n < s.nq) {
-      const uint16_t* out_row = row_ptr<const uint16_t>(p.out, qt.i, n, qt.h);
-      for (int d = threadIdx.x & 31; d < D; d += 32)
-        acc += Ty::to_float(do_tile[(row0 + rr) * kStride + d]) * Ty::to_float(out_row[d]);
-    }
-    acc = warp_sum(acc);
+    const float acc = warp_row_delta<Ty, D>(do_tile + (row0 + rr) * kStride, p.out, qt.i, n, qt.h, s.nq);
     if ((threadIdx.x & 31) == 0) {
       delta_rows[row0 + rr] = acc;
       if (n < s.nq) p.delta[stat_base + n] = acc;
@@ -481,19 +512,7 @@ __global__ void __launch_bounds__(kThreads) grad_q_mma_kernel(const AttentionBac
   zero(dq);
 
   for (int p0 = 0; p0 < row.count; p0 += kKeys) {
-    __syncthreads();
-    if (threadIdx.x < kKeys) {
-      const int pos = p0 + threadIdx.x;
-      tokens[threadIdx.x] = pos < row.count ? token_of(row, pos, s.nk) : -1;
-    }
-    __syncthreads();
-    load_tile<D>(k_tile, kKeys, [&](int r) -> const uint16_t* {
-      return tokens[r] >= 0 ? row_ptr<const uint16_t>(p.k, qt.b, tokens[r], qt.h) : nullptr;
-    }, vec);
-    load_tile<D>(v_tile, kKeys, [&](int r) -> const uint16_t* {
-      return tokens[r] >= 0 ? row_ptr<const uint16_t>(p.v, qt.b, tokens[r], qt.h) : nullptr;
-    }, vec);
-    __syncthreads();
+    load_key_block<D, kKeys>(k_tile, v_tile, tokens, row, p0, p.k, p.v, qt.b, qt.h, s.nk, vec);
     if (!warp_active) continue;
 
     float sc[kKeys / 8][4], dp[kKeys / 8][4];
@@ -536,10 +555,7 @@ __global__ void __launch_bounds__(kThreads) grad_q_mma_kernel(const AttentionBac
   const float row_scale[2] = {p.scale, p.scale};
   accumulator_to_tile<Ty>(q_tile, kStride, row0, dq, row_scale, lane);
   __syncthreads();
-  store_tile<D>(q_tile, kTileRows, [&](int r) -> uint16_t* {
-    const int n = qt.n0 + r;
-    return n < s.nq ? row_ptr<uint16_t>(p.grad_q, qt.i, n, qt.h) : nullptr;
-  }, vec);
+  store_query_tile<D>(q_tile, kTileRows, p.grad_q, qt.i, qt.n0, qt.h, s.nq, vec);
 }
 
 // Key blocks per (reference, head) of the grad_kv kernels.
@@ -596,12 +612,7 @@ __global__ void __launch_bounds__(kThreads) grad_kv_mma_kernel(const AttentionBa
     visible[threadIdx.x] = shared_keep && pos < block_keys;
   }
   __syncthreads();
-  load_tile<D>(k_tile, kKeys, [&](int r) -> const uint16_t* {
-    return tokens[r] >= 0 ? row_ptr<const uint16_t>(p.k, b, tokens[r], h) : nullptr;
-  }, vec);
-  load_tile<D>(v_tile, kKeys, [&](int r) -> const uint16_t* {
-    return tokens[r] >= 0 ? row_ptr<const uint16_t>(p.v, b, tokens[r], h) : nullptr;
-  }, vec);
+  load_key_tiles<D>(k_tile, v_tile, tokens, kKeys, p.k, p.v, b, h, vec);
 
   float dk[D / 8][4], dv[D / 8][4];
   zero(dk);
@@ -631,12 +642,8 @@ __global__ void __launch_bounds__(kThreads) grad_kv_mma_kernel(const AttentionBa
 
     for (int n0 = 0; n0 < s.nq; n0 += kQueries) {
       __syncthreads();  // the previous query tile is no longer read
-      load_tile<D>(q_tile, kQueries, [&](int r) -> const uint16_t* {
-        return n0 + r < s.nq ? row_ptr<const uint16_t>(p.q, i, n0 + r, h) : nullptr;
-      }, vec);
-      load_tile<D>(do_tile, kQueries, [&](int r) -> const uint16_t* {
-        return n0 + r < s.nq ? row_ptr<const uint16_t>(p.grad_out, i, n0 + r, h) : nullptr;
-      }, vec);
+      load_query_tile<D>(q_tile, kQueries, p.q, i, n0, h, s.nq, vec);
+      load_query_tile<D>(do_tile, kQueries, p.grad_out, i, n0, h, s.nq, vec);
       if (threadIdx.x < kQueries) {
         const int n = n0 + threadIdx.x;
         lse2[threadIdx.x] = n < s.nq ? p.lse[stat_base + n] * kLog2e : 0.f;
@@ -646,14 +653,7 @@ __global__ void __launch_bounds__(kThreads) grad_kv_mma_kernel(const AttentionBa
       if (fused) {
         // delta = rowsum(dO * O), one warp per row.
         for (int r = warp; r < kQueries; r += kWarps) {
-          const int n = n0 + r;
-          float acc = 0.f;
-          if (n < s.nq) {
-            const uint16_t* out_row = row_ptr<const uint16_t>(p.out, i, n, h);
-            for (int d = threadIdx.x & 31; d < D; d += 32)
-              acc += Ty::to_float(do_tile[r * kStride + d]) * Ty::to_float(out_row[d]);
-          }
-          acc = warp_sum(acc);
+          const float acc = warp_row_delta<Ty, D>(do_tile + r * kStride, p.out, i, n0 + r, h, s.nq);
           if ((threadIdx.x & 31) == 0) delta[r] = acc;
         }
         __syncthreads();
@@ -734,9 +734,7 @@ __global__ void __launch_bounds__(kThreads) grad_kv_mma_kernel(const AttentionBa
         accumulator_to_tile<Ty>(q_tile, kStride, row0, dq, row_scale, lane);  // q_tile is no longer read
       }
       __syncthreads();
-      store_tile<D>(q_tile, kQueries, [&](int r) -> uint16_t* {
-        return n0 + r < s.nq ? row_ptr<uint16_t>(p.grad_q, i, n0 + r, h) : nullptr;
-      }, vec);
+      store_query_tile<D>(q_tile, kQueries, p.grad_q, i, n0, h, s.nq, vec);
     }
   }
 
@@ -991,15 +989,17 @@ cudaError_t backward_simt(const AttentionBackwardParams& p, cudaStream_t stream)
   return launch(grad_kv_simt_kernel<D>, blocks_for_warps(keys), 0, stream, p);
 }
 
-// Calls body.template operator()<D>() for the runtime head dim.
-template <class Body>
+// Calls body(std::integral_constant<int, D>()) for the runtime head dim D, one instance per entry
+// of kAttentionCudaHeadDims (loca_kernels/attention.h).
+template <int I = 0, class Body>
 cudaError_t with_head_dim(int head_dim, Body body) {
-  switch (head_dim) {
-    case 16: return body(std::integral_constant<int, 16>());
-    case 32: return body(std::integral_constant<int, 32>());
-    case 64: return body(std::integral_constant<int, 64>());
-    case 128: return body(std::integral_constant<int, 128>());
-    default: return cudaErrorInvalidValue;  // bind_cuda.cpp reports the supported dims first
+  if constexpr (I == kAttentionCudaHeadDimCount) {
+    return cudaErrorInvalidValue;  // bind_cuda.cpp reports the supported dims first
+  } else {
+    constexpr int D = kAttentionCudaHeadDims[I];
+    static_assert(D % 16 == 0, "the mma kernels take D in steps of 16 (one k-step of m16n8k16)");
+    if (head_dim == D) return body(std::integral_constant<int, D>());
+    return with_head_dim<I + 1>(head_dim, body);
   }
 }
 
@@ -1014,8 +1014,8 @@ cudaError_t launch_attention_forward(const AttentionForwardParams& p, cudaStream
   return with_head_dim(p.shape.head_dim, [&](auto dim) {
     constexpr int D = decltype(dim)::value;
     switch (p.dtype) {
-      case AttentionDtype::kFloat16: return forward_mma<Half, D>(p, stream);
-      case AttentionDtype::kBFloat16: return forward_mma<BFloat16, D>(p, stream);
+      case Dtype::kFloat16: return forward_mma<Half, D>(p, stream);
+      case Dtype::kBFloat16: return forward_mma<BFloat16, D>(p, stream);
       default: return forward_simt<D>(p, stream);
     }
   });
@@ -1026,8 +1026,8 @@ cudaError_t launch_attention_backward(const AttentionBackwardParams& p, cudaStre
   return with_head_dim(p.shape.head_dim, [&](auto dim) {
     constexpr int D = decltype(dim)::value;
     switch (p.dtype) {
-      case AttentionDtype::kFloat16: return backward_mma<Half, D>(p, stream);
-      case AttentionDtype::kBFloat16: return backward_mma<BFloat16, D>(p, stream);
+      case Dtype::kFloat16: return backward_mma<Half, D>(p, stream);
+      case Dtype::kBFloat16: return backward_mma<BFloat16, D>(p, stream);
       default: return backward_simt<D>(p, stream);
     }
   });

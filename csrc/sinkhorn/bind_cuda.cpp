@@ -8,6 +8,7 @@
 
 #include <tuple>
 
+#include "checks.h"
 #include "loca_kernels/sinkhorn.h"
 
 namespace loca_kernels {
@@ -15,24 +16,10 @@ namespace {
 
 std::tuple<at::Tensor, at::Tensor> sinkhorn_pass_cuda(const at::Tensor& scores, const at::Tensor& col_scale,
                                                       double inv_epsilon, bool normalize_rows, bool write) {
-  // Along K the stride must be 1 (for K = 1 it is never used: torch calls such tensors contiguous).
-  TORCH_CHECK_VALUE(scores.dim() == 2 && (scores.stride(1) == 1 || scores.size(1) == 1),
-                    "sinkhorn_pass (cuda): scores must be (N, K), contiguous along K, got sizes ", scores.sizes(),
-                    " strides ", scores.strides());
+  const ErrorPrefix where{"sinkhorn_pass", "cuda"};
+  check_sinkhorn_inputs(where, scores, col_scale);
+  const Dtype dtype = kernel_dtype(where, "scores", scores);
   const int64_t n = scores.size(0), k = scores.size(1);
-  SinkhornDtype dtype;
-  switch (scores.scalar_type()) {
-    case at::kFloat: dtype = SinkhornDtype::kFloat; break;
-    case at::kHalf: dtype = SinkhornDtype::kHalf; break;
-    case at::kBFloat16: dtype = SinkhornDtype::kBFloat16; break;
-    default: TORCH_CHECK_VALUE(false, "sinkhorn_pass (cuda): scores must be float32, float16 or bfloat16, got ",
-                               scores.scalar_type());
-  }
-  TORCH_CHECK_VALUE(col_scale.sizes() == at::IntArrayRef({k}) && col_scale.scalar_type() == at::kFloat,
-                    "sinkhorn_pass (cuda): col_scale must be float32 (", k, ",), got ", col_scale.scalar_type(), " ",
-                    col_scale.sizes());
-  TORCH_CHECK_VALUE(col_scale.device() == scores.device(), "sinkhorn_pass (cuda): col_scale must be on ",
-                    scores.device(), ", got ", col_scale.device());
   const c10::cuda::CUDAGuard guard(scores.device());
   const at::Tensor cols = col_scale.contiguous();
   const auto options = cols.options();

@@ -22,6 +22,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "checks.h"
 #include "loca_kernels/cpu_math.h"
 
 #ifdef __linux__
@@ -138,21 +139,8 @@ inline void process_chunk(const Pass<scalar_t>& p, int64_t chunk, float* convert
 }
 
 // process_chunk compiled for each instruction set, run as loca_kernels::cpu_isa() says.
-#ifdef LOCA_KERNELS_X86_VARIANTS
-template <typename scalar_t>
-LOCA_TARGET_AVX512 void process_chunk_avx512(const Pass<scalar_t>& p, int64_t chunk, float* converted, float* buffer) {
-  process_chunk(p, chunk, converted, buffer);
-}
-template <typename scalar_t>
-LOCA_TARGET_AVX2 void process_chunk_avx2(const Pass<scalar_t>& p, int64_t chunk, float* converted, float* buffer) {
-  process_chunk(p, chunk, converted, buffer);
-}
-#endif
-template <typename scalar_t>
-__attribute__((flatten)) void process_chunk_baseline(const Pass<scalar_t>& p, int64_t chunk, float* converted,
-                                                     float* buffer) {
-  process_chunk(p, chunk, converted, buffer);
-}
+LOCA_CPU_VARIANTS(process_chunk, , (const Pass<scalar_t>& p, int64_t chunk, float* converted, float* buffer),
+                  process_chunk(p, chunk, converted, buffer))
 
 template <typename scalar_t>
 void sinkhorn_pass_kernel(const at::Tensor& scores, const float* col_scale, float inv_epsilon, bool normalize_rows,
@@ -200,12 +188,10 @@ at::Tensor empty_result(int64_t n, int64_t k, const at::TensorOptions& options) 
 
 std::tuple<at::Tensor, at::Tensor> sinkhorn_pass_cpu(const at::Tensor& scores, const at::Tensor& col_scale,
                                                      double inv_epsilon, bool normalize_rows, bool write) {
-  // Along K the stride must be 1 (for K = 1 it is never used: torch calls such tensors contiguous).
-  TORCH_CHECK(scores.dim() == 2 && (scores.stride(1) == 1 || scores.size(1) == 1),
-              "sinkhorn_pass: scores must be (N, K), contiguous along K");
+  const loca_kernels::ErrorPrefix where{"sinkhorn_pass", "cpu"};
+  loca_kernels::check_sinkhorn_inputs(where, scores, col_scale);
+  loca_kernels::check_cpu_float(where, "scores", scores);
   const int64_t n = scores.size(0), k = scores.size(1);
-  TORCH_CHECK(col_scale.sizes() == at::IntArrayRef({k}) && col_scale.scalar_type() == at::kFloat,
-              "sinkhorn_pass: col_scale must be float32 (K,)");
   const at::Tensor cols = col_scale.contiguous();
   const auto options = col_scale.options();
   at::Tensor result = write ? empty_result(n, k, options) : at::empty({k}, options);

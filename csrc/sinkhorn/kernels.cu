@@ -178,9 +178,9 @@ int64_t sinkhorn_pass_blocks(int64_t rows, int multiprocessors) {
 
 cudaError_t launch_sinkhorn_pass(const SinkhornPassParams& params, cudaStream_t stream) {
   switch (params.dtype) {
-    case SinkhornDtype::kFloat: return launch_typed<float>(params, stream);
-    case SinkhornDtype::kHalf: return launch_typed<__half>(params, stream);
-    case SinkhornDtype::kBFloat16: return launch_typed<__nv_bfloat16>(params, stream);
+    case Dtype::kFloat32: return launch_typed<float>(params, stream);
+    case Dtype::kFloat16: return launch_typed<__half>(params, stream);
+    case Dtype::kBFloat16: return launch_typed<__nv_bfloat16>(params, stream);
   }
   return cudaErrorInvalidValue;
 }

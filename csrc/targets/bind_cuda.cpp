@@ -7,6 +7,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include "checks.h"
 #include "loca_kernels/targets.h"
 
 namespace loca_kernels {
@@ -16,18 +17,9 @@ at::Tensor relative_position_targets_cuda(const at::Tensor& query_boxes, const a
                                           at::IntArrayRef query_grid, at::IntArrayRef ref_grid,
                                           const at::Tensor& query_flip, const at::Tensor& ref_flip,
                                           const at::Tensor& query_rot90, int64_t ignore_index) {
-  TORCH_CHECK_VALUE(query_boxes.dim() == 3 && query_boxes.size(2) == 4,
-                    "relative_position_targets (cuda): query_boxes must be (B, V, 4), got ", query_boxes.sizes());
+  check_targets_inputs({"relative_position_targets", "cuda"}, query_boxes, ref_boxes, query_grid, ref_grid,
+                       query_flip, ref_flip, query_rot90);
   const int64_t batch = query_boxes.size(0), views = query_boxes.size(1);
-  TORCH_CHECK_VALUE(ref_boxes.sizes() == at::IntArrayRef({batch, 4}),
-                    "relative_position_targets (cuda): ref_boxes must be (", batch, ", 4), got ", ref_boxes.sizes());
-  TORCH_CHECK_VALUE(query_flip.sizes() == at::IntArrayRef({batch, views}) &&
-                        query_rot90.sizes() == at::IntArrayRef({batch, views}) &&
-                        ref_flip.sizes() == at::IntArrayRef({batch}),
-                    "relative_position_targets (cuda): query_flip and query_rot90 must be (B, V), ref_flip (B,)");
-  TORCH_CHECK_VALUE(query_grid.size() == 2 && ref_grid.size() == 2 && query_grid[0] > 0 && query_grid[1] > 0 &&
-                        ref_grid[0] > 0 && ref_grid[1] > 0,
-                    "relative_position_targets (cuda): grids must be (rows, cols) with positive sides");
   const c10::cuda::CUDAGuard guard(query_boxes.device());
   // Per-view inputs are tiny: converting them keeps one arithmetic (float64) and one layout.
   const at::Tensor qb = query_boxes.to(at::kDouble).contiguous();

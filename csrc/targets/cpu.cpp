@@ -10,24 +10,18 @@
 #include <cmath>
 #include <vector>
 
+#include "checks.h"
+
 namespace {
 
 at::Tensor relative_position_targets_cpu(const at::Tensor& query_boxes, const at::Tensor& ref_boxes,
                                          at::IntArrayRef query_grid, at::IntArrayRef ref_grid,
                                          const at::Tensor& query_flip, const at::Tensor& ref_flip,
                                          const at::Tensor& query_rot90, int64_t ignore_index) {
-  TORCH_CHECK(query_boxes.dim() == 3 && query_boxes.size(2) == 4, "query_boxes must be (B, V, 4), got ",
-              query_boxes.sizes());
+  loca_kernels::check_targets_inputs({"relative_position_targets", "cpu"}, query_boxes, ref_boxes, query_grid,
+                                     ref_grid, query_flip, ref_flip, query_rot90);
   const int64_t batch = query_boxes.size(0), views = query_boxes.size(1);
-  TORCH_CHECK(ref_boxes.sizes() == at::IntArrayRef({batch, 4}), "ref_boxes must be (", batch, ", 4), got ",
-              ref_boxes.sizes());
-  TORCH_CHECK(query_flip.sizes() == at::IntArrayRef({batch, views}) &&
-                  query_rot90.sizes() == at::IntArrayRef({batch, views}) &&
-                  ref_flip.sizes() == at::IntArrayRef({batch}),
-              "query_flip and query_rot90 must be (B, V) and ref_flip (B,)");
-  TORCH_CHECK(query_grid.size() == 2 && ref_grid.size() == 2, "grids must be (rows, cols)");
   const int64_t hq = query_grid[0], wq = query_grid[1], hr = ref_grid[0], wr = ref_grid[1];
-  TORCH_CHECK(hq > 0 && wq > 0 && hr > 0 && wr > 0, "grids must have positive sides");
 
   // Small per-view inputs: converting them is cheap and keeps one arithmetic (float64).
   const at::Tensor qb = query_boxes.to(at::kDouble).contiguous();

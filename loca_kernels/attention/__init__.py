@@ -10,7 +10,7 @@ from typing import Optional
 
 import torch
 
-from .._backends import choose_backend, support
+from .._backends import choose_backend, extension_has_kernel, support
 from .._validation import FLOAT_DTYPES, check_same_device, check_tensor, shape_str, values_checkable
 from . import reference
 from .keep import KeepRun, compact_keep, consecutive_keep, keep_to_mask, random_keep
@@ -20,7 +20,11 @@ __all__ = ["masked_cross_attention", "KeepRun", "consecutive_keep", "random_keep
 
 OP = "masked_cross_attention"
 MAX_HEAD_DIM = 256
-CUDA_HEAD_DIMS = (16, 32, 64, 128)  # template instances in csrc/attention/kernels.cu
+# The head dims the CUDA kernels are compiled for, from the one list in csrc/include/loca_kernels/
+# attention.h; empty when the extension has no CUDA kernels (backends()["cuda_kernels"] is False),
+# where the "cuda" backend is refused before its head dims are asked.
+CUDA_HEAD_DIMS = (tuple(torch.ops.loca_kernels.attention_cuda_head_dims())
+                  if extension_has_kernel("attention_forward", "CUDA") else ())
 # float64 runs on the reference (for gradcheck) and wherever a kernel accepts it.
 DTYPES = FLOAT_DTYPES + (torch.float64,)
 

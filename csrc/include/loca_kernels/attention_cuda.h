@@ -6,14 +6,10 @@
 
 #include <cuda_runtime.h>
 
+#include "loca_kernels/attention.h"
+#include "loca_kernels/dtype.h"
+
 namespace loca_kernels {
-
-enum class AttentionDtype { kFloat32, kFloat16, kBFloat16 };
-
-// Head dims the kernels are compiled for (each is a template instance).
-inline bool attention_cuda_supports_head_dim(int64_t head_dim) {
-  return head_dim == 16 || head_dim == 32 || head_dim == 64 || head_dim == 128;
-}
 
 // A (B, N, H, D) tensor whose last dim is contiguous; strides are in elements.
 struct AttentionTensor {
@@ -38,7 +34,7 @@ struct AttentionShape {
 struct AttentionForwardParams {
   AttentionShape shape;
   AttentionKeep keep;
-  AttentionDtype dtype;
+  Dtype dtype;
   float scale;
   AttentionTensor q, k, v;  // read only
   AttentionTensor out;      // (Bq, Nq, H, D), written
@@ -48,7 +44,7 @@ struct AttentionForwardParams {
 struct AttentionBackwardParams {
   AttentionShape shape;
   AttentionKeep keep;
-  AttentionDtype dtype;
+  Dtype dtype;
   float scale;
   AttentionTensor grad_out, q, k, v, out;  // read only
   const float* lse;                         // (Bq, H, Nq) contiguous

@@ -41,9 +41,18 @@ inline CpuIsa cpu_isa() {
   return isa;
 }
 
-// A kernel defines name_baseline, and on x86-64 also name_avx2 and name_avx512, the same
-// function compiled per instruction set; LOCA_CPU_VARIANT(name, <template args>) is the one
-// for cpu_isa().
+// A kernel compiles its hot loop nest once per instruction set with LOCA_CPU_VARIANTS(name,
+// attributes, (params), body): template <typename scalar_t> functions name_baseline, and on
+// x86-64 also name_avx2 and name_avx512, taking `params` and running `body`, each flattened (every
+// helper inlined into it) and compiled for its set, in which the constant kIsa (a CpuIsa) names
+// that set; `attributes` (may be empty) are added to the AVX2 and AVX-512 variants.
+// LOCA_CPU_VARIANT(name, <template args>) is the variant for cpu_isa().
+#define LOCA_CPU_VARIANT_FUNCTION(function, isa, attributes, params, ...)          \
+  template <typename scalar_t>                                                    \
+  attributes void function params {                                               \
+    [[maybe_unused]] constexpr ::loca_kernels::CpuIsa kIsa = ::loca_kernels::isa; \
+    __VA_ARGS__;                                                                  \
+  }
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #define LOCA_KERNELS_X86_VARIANTS 1
 #define LOCA_TARGET_AVX512 __attribute__((target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma"), flatten))
@@ -58,9 +67,15 @@ Fn cpu_variant(Fn baseline, Fn avx2, Fn avx512) {
   }
   return baseline;
 }
+#define LOCA_CPU_VARIANTS(name, attributes, params, ...)                                                     \
+  LOCA_CPU_VARIANT_FUNCTION(name##_baseline, CpuIsa::kBaseline, __attribute__((flatten)), params, __VA_ARGS__) \
+  LOCA_CPU_VARIANT_FUNCTION(name##_avx2, CpuIsa::kAvx2, LOCA_TARGET_AVX2 attributes, params, __VA_ARGS__)      \
+  LOCA_CPU_VARIANT_FUNCTION(name##_avx512, CpuIsa::kAvx512, LOCA_TARGET_AVX512 attributes, params, __VA_ARGS__)
 #define LOCA_CPU_VARIANT(name, targs) \
   ::loca_kernels::cpu_variant(name##_baseline targs, name##_avx2 targs, name##_avx512 targs)
 #else
+#define LOCA_CPU_VARIANTS(name, attributes, params, ...) \
+  LOCA_CPU_VARIANT_FUNCTION(name##_baseline, CpuIsa::kBaseline, __attribute__((flatten)), params, __VA_ARGS__)
 #define LOCA_CPU_VARIANT(name, targs) name##_baseline targs
 #endif
 

@@ -6,13 +6,13 @@
 
 #include <cuda_runtime.h>
 
-namespace loca_kernels {
+#include "loca_kernels/dtype.h"
 
-enum class SinkhornDtype { kFloat, kHalf, kBFloat16 };
+namespace loca_kernels {
 
 struct SinkhornPassParams {
   const void* scores;       // (rows, cols) of dtype, stride 1 along cols
-  SinkhornDtype dtype;
+  Dtype dtype;
   const float* col_scale;   // (cols,) contiguous
   float* out;               // write: p (rows, cols) contiguous; else the column sums (cols,)
   float* shift;             // 0-dim; written only when !write
