@@ -156,7 +156,8 @@ def train(cfg: Config) -> dict:
                 (out / name).unlink(missing_ok=True)
     torch.manual_seed(cfg.seed)                     # the same initial model on every rank
     student = LocaNet(cfg).to(device)
-    teacher = copy.deepcopy(student).requires_grad_(False).eval()
+    # teacher_mode "train": the official teacher's stochastic depth is active.
+    teacher = copy.deepcopy(student).requires_grad_(False).train(cfg.teacher_mode == "train")
     optimizer = _optimizer(student, cfg, world_size)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(cfg, step))
     loss_fn = LocaLoss(student_temperature=cfg.student_temperature, group=group)
