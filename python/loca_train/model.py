@@ -7,6 +7,7 @@ its prototype scores (the Sinkhorn targets).
 """
 from __future__ import annotations
 
+import copy
 from typing import NamedTuple, Optional
 
 import torch
@@ -128,6 +129,12 @@ class LocaNet(nn.Module):
             self.cluster_head(tokens),
             self.cluster_head(focal_tokens),
         )
+
+
+def ema_teacher(student: "LocaNet", cfg: Config) -> "LocaNet":
+    """The EMA teacher: a frozen copy of the student, in training mode for teacher_mode "train"
+    (as the official trainer applies it with train=True: stochastic depth active), else eval."""
+    return copy.deepcopy(student).requires_grad_(False).train(cfg.teacher_mode == "train")
 
 
 def _xavier_blocks(linear: nn.Linear, blocks: int, bias_std: float = 0.0) -> None:
