@@ -72,6 +72,8 @@ def sample_boxes(batch: int, num_views: int, image_size, area_range: Sequence[fl
                              f"got shape {tuple(torch.as_tensor(overlap_with).shape)}")
         needed = (min_overlap * height * width)[..., None]        # (batch or 1, 1, 1)
     for _ in range(tries):
+        if sampler == "tf" and bool(done.all()):      # TF stops at a view's first accepted try
+            break
         if sampler == "tf":
             candidate, fits = _tf_try(height, width, area_range, aspect_range, shape, generator)
         else:

@@ -73,16 +73,13 @@ class StepBatches(torch.utils.data.Dataset):
         bad = []
         images = [self._decodable_image(self._image_index(first + i), bad) for i in range(batch)]
         g = step_generator(cfg.seed, step, self.rank)
-        ref_boxes, query_boxes = [], []
         crops = dict(generator=g, sampler=cfg.crop_sampler)
         if cfg.crop_sampler == "tf":
             crops["aspect_range"] = TF_ASPECT_RANGE
-        for image in images:
-            size = tuple(image.shape[1:])
-            ref_boxes.append(sample_boxes(1, 1, size, cfg.reference_area, **crops)[0, 0])
-            query_boxes.append(torch.cat([sample_boxes(1, 1, size, cfg.query_area, **crops)[0],
-                                          sample_boxes(1, cfg.num_focal, size, cfg.focal_area,
-                                                       **crops)[0]]))
+        sizes = torch.tensor([tuple(image.shape[1:]) for image in images])      # (B, 2) height, width
+        ref_boxes = sample_boxes(batch, 1, sizes, cfg.reference_area, **crops)[:, 0]
+        query_boxes = torch.cat([sample_boxes(batch, 1, sizes, cfg.query_area, **crops),
+                                 sample_boxes(batch, cfg.num_focal, sizes, cfg.focal_area, **crops)], dim=1)
         num_views = 1 + cfg.num_focal
         query_tokens = (cfg.image_size // cfg.patch_size) ** 2
         ref_tokens = query_tokens
@@ -91,8 +88,8 @@ class StepBatches(torch.utils.data.Dataset):
             canvas[i, :, :image.shape[1], :image.shape[2]] = image
         return Batch(
             images=canvas,
-            ref_boxes=torch.stack(ref_boxes).float(),
-            query_boxes=torch.stack(query_boxes).float(),
+            ref_boxes=ref_boxes,
+            query_boxes=query_boxes,
             query_flips=sample_flips(batch, num_views, generator=g),
             query_kept=random_keep(batch, query_tokens, cfg.query_tokens_kept, generator=g),
             ref_visible_start=consecutive_keep(1, ref_tokens, reference_visible_tokens(cfg),
