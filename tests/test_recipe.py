@@ -10,12 +10,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from loca_kernels.losses import LocaLoss
 from loca_kernels.targets.geometry import sample_boxes
 from loca_train import preset
 from loca_train.batches import TF_ASPECT_RANGE, StepBatches, canvas_size
 from loca_train.config import parse_args
 from loca_train.images import ImageFolder
 from loca_train.model import LocaNet, ema_teacher
+from loca_train.objective import loca_forward
 from loca_train.views import crop_views, hsv_to_rgb, make_views, rgb_to_hsv, solarize, tf_color_jitter
 
 # The official recipe at micro scale: the presets' choices, small shapes.
@@ -266,3 +268,26 @@ def test_xavier_initialisation():
     net = LocaNet(cfg).requires_grad_(False)
     w = net.encoder.blocks[0].qkv.weight
     assert abs(float(w.std()) - 0.02) < 0.002 and not net.encoder.blocks[0].mlp[0].bias.any()
+
+
+def test_official_recipe_learns_on_a_fixed_batch():
+    """All the official options together (full-resolution procedural sources, tf crops, jitter and
+    solarisation, training-mode teacher with stochastic depth, xavier init) train at micro scale."""
+    cfg = preset("vit_b16", **dict(MICRO, batch_size=8, num_images=8, stochastic_depth=0.1, solarize=0.5))
+    images = [torch.randint(0, 256, (3, 40 + 3 * i, 56 - 2 * i), dtype=torch.uint8,
+                            generator=torch.Generator().manual_seed(i)) for i in range(8)]
+    batch = StepBatches(images, cfg)[0]
+    assert batch.solarized.any() and (batch.jitter_order >= 0).any()
+    torch.manual_seed(0)
+    student = LocaNet(cfg)
+    teacher = ema_teacher(student, cfg)
+    optimizer = torch.optim.AdamW(student.parameters(), lr=3e-3)
+    loss_fn = LocaLoss(student_temperature=cfg.student_temperature)
+    losses = []
+    for _ in range(8):
+        loss, _ = loca_forward(student, teacher.reference, loss_fn, batch, cfg)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert all(math.isfinite(value) for value in losses) and losses[-1] < losses[0], losses
