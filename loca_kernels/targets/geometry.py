@@ -1,6 +1,6 @@
-"""LOCA and GTSA view geometry: crop boxes sampled like the official recipes (RandomResizedCrop-style,
-optionally overlapping given boxes as GTSA requires), flip flags, quarter turns, and box
-intersections, all with a torch.Generator."""
+"""LOCA and GTSA view geometry: crop boxes sampled like the official recipes (RandomResizedCrop-style
+or as TensorFlow's sample_distorted_bounding_box, optionally overlapping given boxes as GTSA
+requires), flip flags, quarter turns, and box intersections, all with a torch.Generator."""
 from __future__ import annotations
 
 import math
@@ -12,14 +12,27 @@ import torch
 def sample_boxes(batch: int, num_views: int, image_size, area_range: Sequence[float],
                  aspect_range: Sequence[float] = (3 / 4, 4 / 3), *,
                  generator: Optional[torch.Generator] = None, overlap_with: Optional[torch.Tensor] = None,
-                 min_overlap: float = 0.0, tries: int = 10) -> torch.Tensor:
-    """Crop boxes (batch, num_views, 4) float32 (x0, y0, x1, y1) in pixels, RandomResizedCrop-style.
+                 min_overlap: float = 0.0, tries: Optional[int] = None, sampler: str = "rrc") -> torch.Tensor:
+    """Crop boxes (batch, num_views, 4) float32 (x0, y0, x1, y1) in pixels.
 
     image_size: (height, width) of every image, or a (batch, 2) tensor of per-image sizes.
+    Random numbers come from `generator` (CPU); the boxes are CPU tensors.
+
+    sampler="rrc" (default, tries=10 unless given): float boxes as torchvision's RandomResizedCrop.
     Area fraction uniform in area_range, aspect ratio (w / h) log-uniform in aspect_range,
-    position uniform; a view none of whose `tries` tries is accepted gets the largest central
-    crop with an aspect ratio in aspect_range (as torchvision's RandomResizedCrop). Random
-    numbers come from `generator` (CPU); the boxes are CPU tensors.
+    position uniform; a view none of whose tries is accepted gets the largest central crop with
+    an aspect ratio in aspect_range.
+
+    sampler="tf" (tries=100 unless given): integer boxes as TensorFlow's
+    sample_distorted_bounding_box (no object boxes, min_object_covered=0, as the official LOCA
+    crops; its default aspect_range is (0.75, 1.33)). Per try: aspect ratio uniform (not
+    log-uniform) in aspect_range; height an integer uniform between round(sqrt(min_area / ratio))
+    and round(sqrt(max_area / ratio)) (capped so that the width round(height * ratio) fits the
+    image, and at the image height), one step up or down where rounding leaves the area outside
+    area_range * image area; width = round(height * ratio) (half to even, float32 arithmetic);
+    the try fails where the area is still out of range. Offsets are integers uniform in
+    [0, image side - crop side) (a crop smaller than the image never touches its bottom or
+    right edge). A view with no accepted try gets the whole image.
 
     overlap_with: optional (batch, 4) or (batch, K, 4) boxes (e.g. GTSA's global crops). A try is
     then accepted only when it fits in its image and its intersection with each of the K boxes
@@ -28,9 +41,13 @@ def sample_boxes(batch: int, num_views: int, image_size, area_range: Sequence[fl
     here every view draws `tries` candidates at once (vectorised rejection) and keeps its first
     accepted one, so pass more tries (e.g. 50) when overlaps are rare. The central-crop fallback
     contains every box that lies in the central crop, so it meets the requirement unless
-    overlap_with reaches outside it.
+    overlap_with reaches outside it (the "tf" fallback, the whole image, contains every box).
     """
     op = "sample_boxes"
+    if sampler not in ("rrc", "tf"):
+        raise ValueError(f"{op}: sampler must be 'rrc' or 'tf', got {sampler!r}")
+    if tries is None:
+        tries = 100 if sampler == "tf" else 10
     if not 0 < area_range[0] <= area_range[1] <= 1:
         raise ValueError(f"{op}: area_range must satisfy 0 < low <= high <= 1, got {tuple(area_range)}")
     if not 0 < aspect_range[0] <= aspect_range[1]:
@@ -55,27 +72,67 @@ def sample_boxes(batch: int, num_views: int, image_size, area_range: Sequence[fl
                              f"got shape {tuple(torch.as_tensor(overlap_with).shape)}")
         needed = (min_overlap * height * width)[..., None]        # (batch or 1, 1, 1)
     for _ in range(tries):
-        area = height * width * (area_range[0] + (area_range[1] - area_range[0]) *
-                                 torch.rand(shape, generator=generator, dtype=torch.float64))
-        ratio = torch.exp(log_lo + (log_hi - log_lo) * torch.rand(shape, generator=generator, dtype=torch.float64))
-        w, h = torch.sqrt(area * ratio), torch.sqrt(area / ratio)
-        x0 = (width - w) * torch.rand(shape, generator=generator, dtype=torch.float64)
-        y0 = (height - h) * torch.rand(shape, generator=generator, dtype=torch.float64)
-        candidate = torch.stack([x0, y0, x0 + w, y0 + h], dim=-1)
-        fits = (w <= width) & (h <= height) & ~done
+        if sampler == "tf" and bool(done.all()):      # TF stops at a view's first accepted try
+            break
+        if sampler == "tf":
+            candidate, fits = _tf_try(height, width, area_range, aspect_range, shape, generator)
+        else:
+            area = height * width * (area_range[0] + (area_range[1] - area_range[0]) *
+                                     torch.rand(shape, generator=generator, dtype=torch.float64))
+            ratio = torch.exp(log_lo + (log_hi - log_lo) * torch.rand(shape, generator=generator, dtype=torch.float64))
+            w, h = torch.sqrt(area * ratio), torch.sqrt(area / ratio)
+            x0 = (width - w) * torch.rand(shape, generator=generator, dtype=torch.float64)
+            y0 = (height - h) * torch.rand(shape, generator=generator, dtype=torch.float64)
+            candidate = torch.stack([x0, y0, x0 + w, y0 + h], dim=-1)
+            fits = (w <= width) & (h <= height)
+        fits &= ~done
         if overlap_with is not None:
             common, _ = intersection_boxes(candidate[:, :, None], others[:, None])   # (batch, views, K, 4)
             area = (common[..., 2] - common[..., 0]).clamp_min(0) * (common[..., 3] - common[..., 1]).clamp_min(0)
             fits &= (area > needed).all(dim=-1)
         box[fits] = candidate[fits]
         done |= fits
-    # Central crop fallback: the whole image, narrowed to the nearest allowed aspect ratio.
-    w = torch.minimum(width, height * aspect_range[1])
-    h = torch.minimum(height, width / aspect_range[0])
+    # Fallback: the whole image ("tf"), or narrowed to the nearest allowed aspect ratio ("rrc").
+    w, h = width, height
+    if sampler == "rrc":
+        w = torch.minimum(width, height * aspect_range[1])
+        h = torch.minimum(height, width / aspect_range[0])
     x0, y0 = (width - w) / 2, (height - h) / 2
     central = torch.stack(torch.broadcast_tensors(x0, y0, x0 + w, y0 + h), dim=-1).expand(*shape, 4)
     box = torch.where(done[..., None], box, central)
     return box.float()
+
+
+def _tf_try(height, width, area_range, aspect_range, shape, generator):
+    """One try of sample_distorted_bounding_box for every view: candidate integer boxes
+    (batch, views, 4) float64 and whether each is valid. float32 as TF computes it."""
+    f32 = torch.float32
+    rand = [torch.rand(shape, generator=generator) for _ in range(4)]
+    H, W = height.to(f32).expand(shape), width.to(f32).expand(shape)
+    ratio = rand[0] * (aspect_range[1] - aspect_range[0]) + aspect_range[0]
+    min_area, max_area = area_range[0] * W * H, area_range[1] * W * H
+    h = torch.round(torch.sqrt(min_area / ratio))
+    max_h = torch.round(torch.sqrt(max_area / ratio))
+    # Largest height whose rounded width fits (TF subtracts 1e-7 in double precision).
+    narrow = torch.floor((W.double() + 0.5 - 1e-7) / ratio.double()).to(f32)
+    narrow = torch.where(torch.round(narrow * ratio) > W, narrow - 1, narrow)
+    max_h = torch.where(torch.round(max_h * ratio) > W, narrow, max_h)
+    max_h = torch.minimum(max_h, H)
+    h = torch.minimum(h, max_h)
+    h = h + torch.floor(rand[1] * (max_h - h + 1)).clamp_max(max_h - h)   # uniform in [h, max_h]
+    w = torch.round(h * ratio)
+    small = w * h < min_area
+    h = torch.where(small, h + 1, h)
+    w = torch.round(h * ratio)
+    large = w * h > max_area
+    h = torch.where(large, h - 1, h)
+    w = torch.round(h * ratio)
+    area = w * h
+    fits = (area >= min_area) & (area <= max_area) & (w <= W) & (h <= H) & (w > 0) & (h > 0)
+    # Offsets uniform in [0, side - crop side), 0 for a crop as high (wide) as the image.
+    y0 = torch.floor(rand[2] * (H - h).clamp_min(0)).clamp_max((H - h - 1).clamp_min(0))
+    x0 = torch.floor(rand[3] * (W - w).clamp_min(0)).clamp_max((W - w - 1).clamp_min(0))
+    return torch.stack([x0, y0, x0 + w, y0 + h], dim=-1).double(), fits
 
 
 def sample_flips(batch: int, num_views: int, p: float = 0.5, *,

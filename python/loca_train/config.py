@@ -13,9 +13,9 @@ class UsageError(ValueError):
     exits with status 2, as argparse does."""
 
 
-def setting(default, help_text: str):
-    """A Config field with its command-line help."""
-    return field(default=default, metadata={"help": help_text})
+def setting(default, help_text: str, choices: Optional[Tuple[str, ...]] = None):
+    """A Config field with its command-line help (and, for a string, its allowed values)."""
+    return field(default=default, metadata={"help": help_text, "choices": choices})
 
 
 @dataclass
@@ -27,7 +27,9 @@ class Config:
     data: Optional[str] = setting(None, "ImageFolder-style directory of images (class sub-folders); "
                                         "default: the built-in procedural set")
     num_images: int = setting(2048, "size of the procedural set")
-    source_size: int = setting(64, "longest side of a source image before cropping (pixels)")
+    source_size: int = setting(64, "longest side of a source image before cropping (pixels); 0: full "
+                                   "resolution, crops cut from the original image and resized after "
+                                   "cropping (official; procedural images render at 320 px)")
     num_workers: int = setting(2, "host processes decoding images and sampling views")
     # Views (official recipe: 224 reference, 224 query keeping 70 tokens, nine 96 focal queries).
     patch_size: int = setting(4, "ViT patch side (pixels)")
@@ -40,14 +42,29 @@ class Config:
                                                   "area range of the reference crop (fraction of the image)")
     query_area: Tuple[float, float] = setting((0.32, 1.0), "area range of the first query crop")
     focal_area: Tuple[float, float] = setting((0.05, 0.32), "area range of the focal query crops")
+    crop_sampler: str = setting("rrc", "crop boxes: tf = integer boxes as TF's sample_distorted_bounding_box "
+                                       "(official: aspect 0.75-1.33 uniform, 100 tries, whole image as "
+                                       "fallback); rrc = float RandomResizedCrop-style boxes (log-uniform "
+                                       "aspect 3/4-4/3, 10 tries, central crop as fallback)",
+                                choices=("tf", "rrc"))
     color_jitter: float = setting(0.8, "probability of brightness/contrast/saturation/hue jitter")
+    jitter_style: str = setting("fixed", "tf = official: the four in a random order per view, additive "
+                                         "brightness, per-channel contrast, HSV saturation and hue; fixed = "
+                                         "fixed order, multiplicative brightness, grey-mean contrast, YIQ "
+                                         "hue rotation", choices=("tf", "fixed"))
     grayscale: float = setting(0.2, "probability of turning a view grey")
+    solarize: float = setting(0.0, "probability of solarising the first query view (x >= 0.5 -> 1 - x); "
+                                   "official 0.2")
     # Model (a ViT without class token, as in LOCA).
     embed_dim: int = setting(96, "ViT width")
     depth: int = setting(4, "ViT encoder blocks")
     num_heads: int = setting(3, "attention heads (encoder and cross-attention)")
     mlp_ratio: float = setting(4.0, "MLP hidden width / embed_dim")
     stochastic_depth: float = setting(0.0, "drop-path rate of the last encoder block (linear from 0)")
+    init: str = setting("trunc_normal", "dense-layer initialisation: xavier = official (xavier_uniform "
+                                        "attention and MLP weights, per q/k/v matrix; MLP biases N(0, 1e-6); "
+                                        "other dense layers lecun_normal); trunc_normal = N(0, 0.02) "
+                                        "truncated, zero biases", choices=("xavier", "trunc_normal"))
     head_hidden_dim: int = setting(256, "clustering head hidden width")
     head_bottleneck_dim: int = setting(64, "clustering head bottleneck width")
     num_prototypes: int = setting(256, "clustering prototypes")
@@ -56,6 +73,9 @@ class Config:
     sinkhorn_iterations: int = setting(3, "Sinkhorn normalisation rounds")
     student_temperature: float = setting(0.1, "temperature of the student's prototype logits")
     teacher_momentum: float = setting(0.996, "EMA momentum at step 0, raised to 1 on a cosine")
+    teacher_mode: str = setting("eval", "train = official: the EMA teacher encodes the reference in "
+                                        "training mode (its stochastic depth active); eval = deterministic "
+                                        "teacher", choices=("train", "eval"))
     # Optimisation.
     batch_size: int = setting(32, "images per process and step")
     steps: int = setting(200, "optimiser steps")
@@ -83,9 +103,12 @@ class Config:
 
 
 # The official LOCA ImageNet-1k recipe (scenic/projects/loca, 100 epochs at a global batch of
-# 1024 = 16 processes x 64); ViT-S/16 and ViT-B/16 differ only in width.
+# 1024 = 16 processes x 64); ViT-S/16 and ViT-B/16 differ only in width. The tiny preset keeps
+# the project's cheaper or deterministic choices (small source images, rrc crops, fixed jitter,
+# no solarisation, eval-mode teacher, truncated-normal init).
 _OFFICIAL = dict(
-    source_size=320, num_workers=8, patch_size=16, image_size=224, focal_size=96, num_focal=9,
+    source_size=0, crop_sampler="tf", jitter_style="tf", solarize=0.2, teacher_mode="train",
+    init="xavier", num_workers=8, patch_size=16, image_size=224, focal_size=96, num_focal=9,
     query_tokens_kept=70, color_jitter=0.8, grayscale=0.2, depth=12, mlp_ratio=4.0,
     stochastic_depth=0.1, head_hidden_dim=2048, head_bottleneck_dim=256, num_prototypes=4096,
     batch_size=64, steps=125_000, warmup_steps=18_750, lr=1e-3, lr_reference_batch=1024,
@@ -126,7 +149,11 @@ def validate(cfg: Config) -> None:
     if cfg.embed_dim % cfg.num_heads:
         raise UsageError(f"embed_dim={cfg.embed_dim} must be divisible by "
                          f"num_heads={cfg.num_heads}")
-    if cfg.source_size < cfg.image_size // 2:
+    for f in fields(Config):
+        choices = f.metadata["choices"]
+        if choices and getattr(cfg, f.name) not in choices:
+            raise UsageError(f"{f.name} must be one of {', '.join(choices)}, got {getattr(cfg, f.name)!r}")
+    if cfg.source_size and cfg.source_size < cfg.image_size // 2:
         raise UsageError(f"source_size={cfg.source_size} is far below image_size="
                          f"{cfg.image_size}; crops would be blown-up blurs")
     if cfg.batch_size < 1:
@@ -168,29 +195,37 @@ def config_from_dict(values: dict) -> Config:
 def parse_args(argv=None) -> Config:
     """Parse `python -m loca_train` arguments: --preset, then any Config field as --field-name.
     Invalid settings exit with status 2 and a one-line `loca_train: error: ...`."""
+    # The preset comes first: --help shows the defaults of the preset given with it.
+    chooser = Parser(add_help=False)
+    chooser.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
+    chosen = chooser.parse_known_args(argv)[0].preset
     parser = Parser(
         prog="python -m loca_train",
         description="LOCA pretraining (location-aware self-supervised ViT) using loca_kernels. "
-                    "Pick a preset, then override any setting; defaults shown are the tiny preset's.",
+                    f"Pick a preset, then override any setting; defaults shown are the {chosen} preset's "
+                    "(python -m loca_train --preset NAME --help shows another's).",
         epilog="Presets other than tiny set: " + ", ".join(
             f"{name}={values}" for name, values in _OFFICIAL.items())
             + "; vit_s16: embed_dim=384, num_heads=6; vit_b16: embed_dim=768, num_heads=12.")
-    tiny = Config()
+    defaults = dataclasses.replace(Config(), **PRESETS[chosen])
     parser.add_argument("--preset", default="tiny", choices=sorted(PRESETS),
-                        help="tiny: small ViT on small images, minutes on a CPU; vit_s16/vit_b16: "
-                             "the official LOCA ImageNet recipe")
+                        help="tiny: small ViT on small images, minutes on a CPU, keeping the project's "
+                             "cheaper or deterministic choices (rrc crops at source_size 64, fixed jitter, "
+                             "no solarisation, eval-mode teacher, truncated-normal init); vit_s16/vit_b16: "
+                             "the official LOCA ImageNet recipe in every point")
     for f in fields(Config):
         if f.name == "preset":
             continue
         flag = "--" + f.name.replace("_", "-")
-        help_text = f"{f.metadata['help']} (tiny: {getattr(tiny, f.name)})"
+        help_text = f"{f.metadata['help']} ({chosen}: {getattr(defaults, f.name)})"
         if f.type == "bool":
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
         elif f.type.startswith("Tuple"):
             parser.add_argument(flag, type=float, nargs=2, default=None, metavar=("LOW", "HIGH"),
                                 help=help_text)
         else:
-            parser.add_argument(flag, type=_flag_type(f.type), default=None, help=help_text)
+            parser.add_argument(flag, type=_flag_type(f.type), default=None, help=help_text,
+                                choices=f.metadata["choices"])
     args = vars(parser.parse_args(argv))
     name = args.pop("preset")
     overrides = {key: (tuple(value) if isinstance(value, list) else value)

@@ -1,6 +1,7 @@
 """Source images: a procedural set built into the package (no download) or an ImageFolder on disk.
 
-Both give uint8 (3, h, w) tensors whose longer side is `source_size`; view crops are cut from
+Both give uint8 (3, h, w) tensors whose longer side is `source_size` (source_size 0: image files
+at their own resolution, procedural images at PROCEDURAL_NATIVE_SIZE); view crops are cut from
 these on the device (views.py), so every box is in these pixel coordinates.
 """
 from __future__ import annotations
@@ -14,6 +15,8 @@ import torch.nn.functional as F
 
 from .config import UsageError
 
+# Side of the procedural images at full resolution (source_size 0).
+PROCEDURAL_NATIVE_SIZE = 320
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
 
@@ -58,7 +61,8 @@ class ProceduralImages:
 
 class ImageFolder:
     """Images under `root/<class>/<file>` (any depth), decoded with PIL to RGB and resized so
-    that the longer side is `size`. Classes are ignored: LOCA needs no labels."""
+    that the longer side is `size` (0: kept at full resolution). Classes are ignored: LOCA
+    needs no labels."""
 
     def __init__(self, root: str, size: int):
         self.size = size
@@ -76,9 +80,11 @@ class ImageFolder:
         try:
             with Image.open(self.files[index]) as img:
                 img = img.convert("RGB")
-                scale = self.size / max(img.size)
-                width, height = (max(1, round(side * scale)) for side in img.size)
-                img = img.resize((width, height), Image.BICUBIC)
+                width, height = img.size
+                if self.size:
+                    scale = self.size / max(img.size)
+                    width, height = (max(1, round(side * scale)) for side in img.size)
+                    img = img.resize((width, height), Image.BICUBIC)
                 data = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8)
         # What PIL raises for unreadable, truncated, unknown or oversized files.
         except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
@@ -103,7 +109,7 @@ class BadImage(UsageError):
 def open_images(data, num_images: int, size: int, seed: int):
     """The image set a run trains on: ImageFolder(data) or the procedural set when data is None."""
     if data is None:
-        return ProceduralImages(num_images, size, seed)
+        return ProceduralImages(num_images, size or PROCEDURAL_NATIVE_SIZE, seed)
     if not os.path.isdir(data):
         raise UsageError(f"--data {data}: {'not a directory' if os.path.exists(data) else 'no such directory'}")
     return ImageFolder(data, size)

@@ -7,6 +7,7 @@ its prototype scores (the Sinkhorn targets).
 """
 from __future__ import annotations
 
+import copy
 from typing import NamedTuple, Optional
 
 import torch
@@ -106,7 +107,10 @@ class LocaNet(nn.Module):
         self.cross_block = CrossAttentionBlock(cfg.embed_dim, cfg.num_heads, mlp_ratio=cfg.mlp_ratio,
                                                backend=cfg.backend)
         self.position_head = PositionPredictor(cfg.embed_dim, ref_grid * ref_grid)
-        self.apply(_init_weights)
+        if cfg.init == "xavier":
+            init_official(self)
+        else:
+            self.apply(_init_weights)
 
     def reference(self, images: torch.Tensor):
         """Teacher side: reference tokens (B, R, dim) and their prototype logits (B, R, K)."""
@@ -125,6 +129,54 @@ class LocaNet(nn.Module):
             self.cluster_head(tokens),
             self.cluster_head(focal_tokens),
         )
+
+
+def ema_teacher(student: "LocaNet", cfg: Config) -> "LocaNet":
+    """The EMA teacher: a frozen copy of the student, in training mode for teacher_mode "train"
+    (as the official trainer applies it with train=True: stochastic depth active), else eval."""
+    return copy.deepcopy(student).requires_grad_(False).train(cfg.teacher_mode == "train")
+
+
+def _xavier_blocks(linear: nn.Linear, blocks: int, bias_std: float = 0.0) -> None:
+    """xavier_uniform on each of `blocks` equal row blocks of the weight (a fused q/k/v or k/v
+    projection holds one flax Dense per block); bias N(0, bias_std) (zeros for 0)."""
+    for part in linear.weight.data.chunk(blocks, dim=0):
+        nn.init.xavier_uniform_(part)
+    if linear.bias is not None:
+        nn.init.normal_(linear.bias, std=bias_std)
+
+
+def _lecun_normal(weight: torch.Tensor) -> None:
+    """flax's default kernel init: truncated normal (at 2 std) of variance 1 / fan_in."""
+    fan_in = weight[0].numel()
+    std = (1 / fan_in) ** 0.5 / 0.87962566103423978   # std of a unit normal truncated at 2
+    nn.init.trunc_normal_(weight, std=std, a=-2 * std, b=2 * std)
+
+
+def init_official(net: "LocaNet") -> None:
+    """The official LOCA initialisation (scenic vit.py; flax defaults elsewhere): xavier_uniform
+    for the attention projections (one matrix per q, k, v and output, zero biases) and the MLP
+    layers of the encoder and cross-attention blocks (biases N(0, 1e-6)); lecun_normal with zero
+    biases for the patch embedding, clustering head and position predictor."""
+    mlps = [block.mlp for block in net.encoder.blocks] + [net.cross_block.mlp]
+    for block in net.encoder.blocks:
+        _xavier_blocks(block.qkv, 3)
+        _xavier_blocks(block.proj, 1)
+    attn = net.cross_block.attn
+    _xavier_blocks(attn.q, 1)
+    _xavier_blocks(attn.kv, 2)
+    _xavier_blocks(attn.proj, 1)
+    for mlp in mlps:
+        for layer in mlp:
+            if isinstance(layer, nn.Linear):
+                _xavier_blocks(layer, 1, bias_std=1e-6)
+    done = {id(m) for block in net.encoder.blocks for m in (block.qkv, block.proj)}
+    done |= {id(m) for m in (attn.q, attn.kv, attn.proj)} | {id(m) for mlp in mlps for m in mlp}
+    for module in net.modules():
+        if isinstance(module, (nn.Linear, nn.Conv2d)) and id(module) not in done:
+            _lecun_normal(module.weight)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
 
 
 def _init_weights(module: nn.Module) -> None:

@@ -36,11 +36,17 @@ def loca_forward(student, teacher_reference, loss_fn: LocaLoss, batch: Batch, cf
     ref_grid, focal_grid = cfg.image_size // cfg.patch_size, cfg.focal_size // cfg.patch_size
     visible = reference_visible_tokens(cfg)
     jitter, gray = batch.jitter, batch.grayscale
-    reference = make_views(batch.images, batch.ref_boxes[:, None], cfg.image_size, None, jitter[:1], gray[:1])
+    order = batch.jitter_order if cfg.jitter_style == "tf" else None
+
+    def rows(start, stop):          # the tf-style jitter order of some views, None for "fixed"
+        return None if order is None else order[start:stop]
+
+    reference = make_views(batch.images, batch.ref_boxes[:, None], cfg.image_size, None, jitter[:1], gray[:1],
+                           rows(0, 1))
     query = make_views(batch.images, batch.query_boxes[:, :1], cfg.image_size, batch.query_flips[:, :1],
-                       jitter[1:2], gray[1:2])
+                       jitter[1:2], gray[1:2], rows(1, 2), batch.solarized[None])
     focal = make_views(batch.images, batch.query_boxes[:, 1:], cfg.focal_size, batch.query_flips[:, 1:],
-                       jitter[2:], gray[2:])
+                       jitter[2:], gray[2:], rows(2, None))
 
     # Targets: which reference patch each query patch lies on (-1: outside the reference).
     query_targets = relative_position_targets(

@@ -2,7 +2,6 @@
 logging, and a clean stop on SIGINT/SIGTERM."""
 from __future__ import annotations
 
-import copy
 import dataclasses
 import json
 import os
@@ -21,7 +20,7 @@ from . import checkpoint
 from .batches import batch_loader
 from .config import Config, UsageError
 from .images import ImageFolder, open_images
-from .model import LocaNet
+from .model import LocaNet, ema_teacher
 from .monitor import KernelTimer, ProgressBar, StepLog, format_duration, kernels_in_words, summary, versions
 from .objective import loca_forward
 from .schedules import lr_factor, teacher_momentum, update_teacher
@@ -156,7 +155,7 @@ def train(cfg: Config) -> dict:
                 (out / name).unlink(missing_ok=True)
     torch.manual_seed(cfg.seed)                     # the same initial model on every rank
     student = LocaNet(cfg).to(device)
-    teacher = copy.deepcopy(student).requires_grad_(False).eval()
+    teacher = ema_teacher(student, cfg)
     optimizer = _optimizer(student, cfg, world_size)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(cfg, step))
     loss_fn = LocaLoss(student_temperature=cfg.student_temperature, group=group)
