@@ -25,7 +25,7 @@ MICRO = dict(image_size=16, patch_size=4, focal_size=8, num_focal=2, query_token
              embed_dim=32, depth=2, num_heads=2, head_hidden_dim=32, head_bottleneck_dim=16,
              num_prototypes=32, batch_size=256, num_workers=0, progress=False)
 OFFICIAL = dict(crop_sampler="tf", jitter_style="tf", solarize=0.2, teacher_mode="train", init="xavier",
-                source_size=0)
+                source_size=0, mean_entropy_over="all")
 
 
 def test_presets_default_to_the_official_recipe_and_help_shows_them():
@@ -34,13 +34,13 @@ def test_presets_default_to_the_official_recipe_and_help_shows_them():
         assert {key: getattr(cfg, key) for key in OFFICIAL} == OFFICIAL
         assert cfg.stochastic_depth == 0.1 and cfg.color_jitter == 0.8 and cfg.grayscale == 0.2
     tiny = preset("tiny")
-    assert (tiny.crop_sampler, tiny.jitter_style, tiny.solarize, tiny.teacher_mode, tiny.init) == \
-        ("rrc", "fixed", 0.0, "eval", "trunc_normal")
+    assert (tiny.crop_sampler, tiny.jitter_style, tiny.solarize, tiny.teacher_mode, tiny.init,
+            tiny.mean_entropy_over) == ("rrc", "fixed", 0.0, "eval", "trunc_normal", "valid")
     out = io.StringIO()
     with contextlib.redirect_stdout(out), pytest.raises(SystemExit):
         parse_args(["--preset", "vit_b16", "--help"])
     text = " ".join(out.getvalue().split())
-    for shown in ("(vit_b16: tf)", "(vit_b16: 0.2)", "(vit_b16: train)", "(vit_b16: xavier)",
+    for shown in ("(vit_b16: tf)", "(vit_b16: 0.2)", "(vit_b16: train)", "(vit_b16: xavier)", "(vit_b16: all)",
                   "(vit_b16: 0)", "(vit_b16: 768)"):
         assert shown in text
     assert parse_args(["--preset", "vit_b16", "--teacher-mode", "eval"]).teacher_mode == "eval"

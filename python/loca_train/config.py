@@ -76,6 +76,9 @@ class Config:
     teacher_mode: str = setting("eval", "train = official: the EMA teacher encodes the reference in "
                                         "training mode (its stochastic depth active); eval = deterministic "
                                         "teacher", choices=("train", "eval"))
+    mean_entropy_over: str = setting("valid", "all = official: the mean-entropy (me-max) term averages the student's "
+                                              "predictions over every query patch; valid = only over the patches "
+                                              "inside the reference", choices=("valid", "all"))
     # Optimisation.
     batch_size: int = setting(32, "images per process and step")
     steps: int = setting(200, "optimiser steps")
@@ -105,11 +108,11 @@ class Config:
 # The official LOCA ImageNet-1k recipe (scenic/projects/loca, 100 epochs at a global batch of
 # 1024 = 16 processes x 64); ViT-S/16 and ViT-B/16 differ only in width. The tiny preset keeps
 # the project's cheaper or deterministic choices (small source images, rrc crops, fixed jitter,
-# no solarisation, eval-mode teacher, truncated-normal init).
+# no solarisation, eval-mode teacher, me-max over the valid patches, truncated-normal init).
 _OFFICIAL = dict(
     source_size=0, crop_sampler="tf", jitter_style="tf", solarize=0.2, teacher_mode="train",
-    init="xavier", num_workers=8, patch_size=16, image_size=224, focal_size=96, num_focal=9,
-    query_tokens_kept=70, color_jitter=0.8, grayscale=0.2, depth=12, mlp_ratio=4.0,
+    mean_entropy_over="all", init="xavier", num_workers=8, patch_size=16, image_size=224, focal_size=96,
+    num_focal=9, query_tokens_kept=70, color_jitter=0.8, grayscale=0.2, depth=12, mlp_ratio=4.0,
     stochastic_depth=0.1, head_hidden_dim=2048, head_bottleneck_dim=256, num_prototypes=4096,
     batch_size=64, steps=125_000, warmup_steps=18_750, lr=1e-3, lr_reference_batch=1024,
     checkpoint_every=2000, log_every=50,

@@ -158,7 +158,8 @@ def train(cfg: Config) -> dict:
     teacher = ema_teacher(student, cfg)
     optimizer = _optimizer(student, cfg, world_size)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(cfg, step))
-    loss_fn = LocaLoss(student_temperature=cfg.student_temperature, group=group)
+    loss_fn = LocaLoss(student_temperature=cfg.student_temperature, group=group,
+                       mean_entropy_over=cfg.mean_entropy_over)
     torch.manual_seed(cfg.seed + 1 + rank)          # each rank its own stochastic-depth draws
 
     start_step, skipped = 0, set()                  # skipped: files of images that could not be decoded
