@@ -253,7 +253,7 @@ def train_probe(features: torch.Tensor, labels: torch.Tensor, num_classes: int) 
     features = features.float()
     mean, std = features.mean(0), features.std(0).clamp_min(1e-6)
     x = (features - mean) / std
-    linear = torch.nn.Linear(x.shape[1], num_classes)
+    linear = torch.nn.utils.skip_init(torch.nn.Linear, x.shape[1], num_classes)   # no random draw
     torch.nn.init.zeros_(linear.weight)
     torch.nn.init.zeros_(linear.bias)
     optimizer = torch.optim.LBFGS(linear.parameters(), max_iter=PROBE_ITERATIONS, history_size=10,
