@@ -43,7 +43,7 @@ THRESHOLDS = tuple(i / 10 for i in range(10))
 # measured on the next ones.
 PROBE_IMAGES, TEST_IMAGES = 256, 128
 # The linear probe's recipe: standardised features, zero-initialised weights, full-batch L-BFGS
-# on the cross-entropy plus this L2 penalty on the weights.
+# on the class-balanced cross-entropy plus this L2 penalty on the weights.
 PROBE_ITERATIONS, PROBE_WEIGHT_DECAY = 100, 1e-3
 # The folder split: a fixed permutation (this seed) puts half the images in the probe's set.
 FOLDER_SPLIT_SEED = 0
@@ -248,9 +248,13 @@ class LinearProbe:
 
 def train_probe(features: torch.Tensor, labels: torch.Tensor, num_classes: int) -> LinearProbe:
     """The fixed recipe: standardise each feature (train mean and std), zero weights, then
-    PROBE_ITERATIONS of full-batch L-BFGS (strong Wolfe line search) on the cross-entropy
-    + PROBE_WEIGHT_DECAY * |W|^2. Deterministic; no random draw. features (n, dim), labels (n,)."""
+    PROBE_ITERATIONS of full-batch L-BFGS (strong Wolfe line search) on the class-balanced
+    cross-entropy (class weights n / (classes * count), so that the background, most patches,
+    does not make predicting it everywhere the optimum) + PROBE_WEIGHT_DECAY * |W|^2.
+    Deterministic; no random draw. features (n, dim), labels (n,)."""
     features = features.float()
+    counts = torch.bincount(labels, minlength=num_classes).float()
+    weights = torch.where(counts > 0, len(labels) / (num_classes * counts.clamp_min(1)), 0.0)
     mean, std = features.mean(0), features.std(0).clamp_min(1e-6)
     x = (features - mean) / std
     linear = torch.nn.utils.skip_init(torch.nn.Linear, x.shape[1], num_classes)   # no random draw
@@ -261,7 +265,7 @@ def train_probe(features: torch.Tensor, labels: torch.Tensor, num_classes: int) 
 
     def closure():
         optimizer.zero_grad()
-        loss = F.cross_entropy(linear(x), labels) + PROBE_WEIGHT_DECAY * linear.weight.pow(2).sum()
+        loss = F.cross_entropy(linear(x), labels, weight=weights) + PROBE_WEIGHT_DECAY * linear.weight.pow(2).sum()
         loss.backward()
         return loss
 
@@ -609,7 +613,7 @@ def main(argv=None) -> int:
               "data": split.description, "split": counts, "thresholds": list(THRESHOLDS),
               "metrics": metrics, "protocol": "docs/EVALUATION.md",
               "probe_recipe": {"optimizer": "L-BFGS", "iterations": PROBE_ITERATIONS,
-                               "weight_decay": PROBE_WEIGHT_DECAY},
+                               "weight_decay": PROBE_WEIGHT_DECAY, "loss": "class-balanced cross-entropy"},
               "versions": versions(), "run_versions": run_versions,
               "wall_time_s": time.perf_counter() - t_start}
     (out / EVAL_NAME).write_text(json.dumps(result, indent=1))
