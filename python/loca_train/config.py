@@ -57,7 +57,7 @@ class Config:
     student_temperature: float = setting(0.1, "temperature of the student's prototype logits")
     # The official 0.996 leaves a 200-step teacher close to its initialisation (its dense
     # features measure as random init's; docs/EVALUATION.md): tiny's teacher follows faster.
-    teacher_momentum: float = setting(0.99, "EMA momentum at step 0, raised to 1 on a cosine")
+    teacher_momentum: float = setting(0.98, "EMA momentum at step 0, raised to 1 on a cosine")
     # Optimisation.
     batch_size: int = setting(32, "images per process and step")
     steps: int = setting(200, "optimiser steps")
