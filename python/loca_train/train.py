@@ -20,7 +20,6 @@ from loca_kernels.losses import LocaLoss
 from . import checkpoint
 from .batches import batch_loader
 from .config import Config, UsageError
-from .evaluate import procedural_split, training_metrics
 from .images import ImageFolder, open_images
 from .model import LocaNet
 from .monitor import KernelTimer, ProgressBar, StepLog, format_duration, kernels_in_words, summary, versions
@@ -209,7 +208,12 @@ def train(cfg: Config) -> dict:
     log = StepLog(out / LOG_NAME, start_step) if rank == 0 else None
     bar = ProgressBar(cfg.steps, start_step, cfg.log_every, cfg.progress and rank == 0)
     records, first_loss, stopped, step = [], None, 0, start_step
-    eval_split = procedural_split(cfg, 2 * cfg.eval_images, cfg.eval_images) if cfg.eval_every else None
+    eval_split = None
+    if cfg.eval_every:
+        # Imported here, not at the top: the package imports this module, and runpy warns when
+        # `python -m loca_train.evaluate` finds itself imported already.
+        from .evaluate import procedural_split, training_metrics
+        eval_split = procedural_split(cfg, 2 * cfg.eval_images, cfg.eval_images)
     if rank == 0:
         print(_banner(cfg, world_size, device, images, out, start_step), flush=True)
 
