@@ -26,7 +26,7 @@ from .objective import loca_forward
 from .schedules import lr_factor, teacher_momentum, update_teacher
 
 # Fields of a step record that measure time: they differ between runs, nothing else may.
-TIMING_FIELDS = ("images_per_s", "time_data", "time_forward_backward", "time_step", "time_kernels")
+TIMING_FIELDS = ("images_per_s", "time_data", "time_forward_backward", "time_step", "time_kernels", "time_eval")
 LOG_NAME = "log.jsonl"
 
 
@@ -208,6 +208,12 @@ def train(cfg: Config) -> dict:
     log = StepLog(out / LOG_NAME, start_step) if rank == 0 else None
     bar = ProgressBar(cfg.steps, start_step, cfg.log_every, cfg.progress and rank == 0)
     records, first_loss, stopped, step = [], None, 0, start_step
+    eval_split = None
+    if cfg.eval_every:
+        # Imported here, not at the top: the package imports this module, and runpy warns when
+        # `python -m loca_train.evaluate` finds itself imported already.
+        from .evaluate import procedural_split, training_metrics
+        eval_split = procedural_split(cfg, 2 * cfg.eval_images, cfg.eval_images)
     if rank == 0:
         print(_banner(cfg, world_size, device, images, out, start_step), flush=True)
 
@@ -254,6 +260,14 @@ def train(cfg: Config) -> dict:
                       "time_step": t_done - t_ready}
             if timed:
                 record["time_kernels"] = timer.seconds()
+            if rank == 0 and cfg.eval_every and ((step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps):
+                t_eval = time.perf_counter()
+                record.update(training_metrics(teacher.encoder, cfg, device, eval_split))
+                record["time_eval"] = time.perf_counter() - t_eval
+                if cfg.progress:
+                    print(f"loca_train: eval at step {step + 1}: " + ", ".join(
+                        f"{key[5:]} {value:.3f}" for key, value in record.items() if key.startswith("eval_")),
+                        file=sys.stderr, flush=True)
             first_loss = record["loss"] if first_loss is None else first_loss
             records.append(record)
             if log is not None:
