@@ -92,14 +92,15 @@ def ours_step(teacher, students, boxes, turns, backend):
     t_local = t_local.unflatten(0, (GLOBALS, b))                              # (2, B, 8, C, 4, 4)
     s_local = s_local.unflatten(0, (LOCALS, b)).permute(2, 1, 0, 3, 4, 5)      # (2, B, 8, C, 4, 4)
     crop = crop * GLOBALS - F.cosine_similarity(s_local, t_local, dim=3).mean(dim=(1, 3, 4)).sum()
-    tokens = lambda x: x.flatten(2).transpose(1, 2)  # noqa: E731
+    # Token-major (B, N, C) copies, made once per map: every matching call reads rows of C.
+    s_tokens = [x.flatten(2).transpose(1, 2).contiguous() for x in students]
+    t_tokens = [x.flatten(2).transpose(1, 2).contiguous() for x in teacher]
     correspondence = lk.PatchCorrespondenceLoss(MATCHES[14], backend=backend)(
-        torch.cat([tokens(students[1 - t]) for t in range(GLOBALS)]),
-        torch.cat([tokens(teacher[t]) for t in range(GLOBALS)])) * GLOBALS
+        torch.cat([s_tokens[1 - t] for t in range(GLOBALS)]), torch.cat(t_tokens)) * GLOBALS
     local_loss = lk.PatchCorrespondenceLoss(MATCHES[6], backend=backend)
     for t in range(GLOBALS):
         for v in range(GLOBALS, GLOBALS + LOCALS):
-            correspondence = correspondence + local_loss(tokens(students[v]), tokens(teacher[t]))
+            correspondence = correspondence + local_loss(s_tokens[v], t_tokens[t])
     pairs = GLOBALS * (GLOBALS + LOCALS - 1)
     return crop / pairs + correspondence / pairs
 
