@@ -285,6 +285,20 @@ def test_errors(changes, kind, match):
         lk.queue_contrastive_loss(args.pop("query"), args.pop("positive"), args.pop("queue"), **args)
 
 
+@pytest.mark.skipif(not HAS_CPU_KERNEL, reason="extension built without the CPU kernel")
+@pytest.mark.parametrize("args,kind,match", [
+    ((torch.zeros(4, 8), torch.zeros(4, 8), torch.zeros(10, 7)), ValueError, r"queue must be \(K, D\) with D = 8"),
+    ((torch.zeros(4, 8), torch.zeros(4, 8, dtype=torch.float16), torch.zeros(10, 8)), TypeError,
+     "query, positive and queue must share one dtype"),
+    ((torch.zeros(4, 8, dtype=torch.float64),) * 3, TypeError, "query must be float32, float16 or bfloat16"),
+])
+def test_cpp_operator_errors(args, kind, match):
+    # The C++ kernel's own checks, below the Python validation: a ValueError or TypeError naming
+    # the operator and backend.
+    with pytest.raises(kind, match=rf"loca_kernels\.{OPERATOR} \(cpu\): {match}"):
+        getattr(torch.ops.loca_kernels, OPERATOR)(*args, 10.0, False)
+
+
 @pytest.mark.skipif(not TRITON_AVAILABLE, reason="triton is not installed")
 def test_triton_kernel_compiles_for_a_gpu():
     # The interpreter runs Python (and multiplies in fp32), not Triton's compiler: every variant

@@ -8,10 +8,12 @@ import torch
 
 import loca_kernels as lk
 from helpers import assert_close, backend_params, compile_for_gpu
+from loca_kernels._backends import extension_has_kernel
 from loca_kernels.targets import geometry
 
 ALL = backend_params("crop_features")
 FUSED = backend_params("crop_features", reference=False)
+HAS_CPU_KERNEL = extension_has_kernel("crop_features", "CPU")
 TURNS = [(flip, k) for flip in (False, True) for k in range(4)]
 
 
@@ -360,6 +362,24 @@ def test_errors(change, error, words):
     args.update(change)
     with pytest.raises(error, match="crop_features: .*" + words.replace("(", r"\(").replace(")", r"\)")):
         lk.crop_features(**args)
+
+
+@pytest.mark.skipif(not HAS_CPU_KERNEL, reason="extension built without the CPU kernel")
+@pytest.mark.parametrize("operator,first,regions,size,kind,match", [
+    ("crop_features", torch.zeros(2, 3, 4, 4, dtype=torch.int32), torch.zeros(2, 1, 4), [2, 2], TypeError,
+     "features must be float32, float64, float16 or bfloat16, got Int"),
+    ("crop_features", torch.zeros(2, 3, 4, 4), torch.zeros(2, 1, 5), [2, 2], ValueError,
+     r"regions must be \(M, R, 4\) with M = 2, got \[2, 1, 5\]"),
+    ("crop_features_backward", torch.zeros(2, 1, 3, 2, 2), torch.zeros(2, 3, 4), [4, 4], ValueError,
+     "regions must have R = 1 regions like grad_out, got 3"),
+])
+def test_cpp_operator_errors(operator, first, regions, size, kind, match):
+    # The C++ kernel's own checks, below the Python validation: a ValueError or TypeError naming
+    # the operator and backend.
+    views = torch.tensor([[0.0, 0.0, 4.0, 4.0]] * 2)
+    flip, turns = torch.zeros(2, dtype=torch.bool), torch.zeros(2, dtype=torch.int64)
+    with pytest.raises(kind, match=rf"loca_kernels\.{operator} \(cpu\): {match}"):
+        getattr(torch.ops.loca_kernels, operator)(first, views, regions, size, flip, turns, -1)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")

@@ -283,6 +283,21 @@ def test_errors(case):
         lk.patch_matching(**args)
 
 
+@pytest.mark.skipif(not HAS_CPU_KERNEL, reason="extension built without the CPU kernel")
+@pytest.mark.parametrize("operator,args,kind,match", [
+    ("patch_matching", (_zeros(2, 4, 8, dtype=torch.int64),) * 2, TypeError,
+     "a must be float32, float64, float16 or bfloat16, got Long"),
+    ("patch_matching", (_zeros(2, 4, 8), _zeros(2, 5, 7)), ValueError, "a and b must share B and C"),
+    ("patch_matching_backward", (_zeros(2, 4), _zeros(2, 4, 8), _zeros(2, 5, 8), torch.full((2, 4), 5)), ValueError,
+     r"index values must lie in \[0, Nb = 5\), got 5"),
+])
+def test_cpp_operator_errors(operator, args, kind, match):
+    # The C++ kernel's own checks, below the Python validation: a ValueError or TypeError naming
+    # the operator and backend.
+    with pytest.raises(kind, match=rf"loca_kernels\.{operator} \(cpu\): {match}"):
+        getattr(torch.ops.loca_kernels, operator)(*args)
+
+
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
 def test_triton_kernels_compile_for_a_gpu():
     # The interpreter runs Python, not Triton's compiler: every kernel is also compiled for

@@ -21,10 +21,11 @@
 #include <tuple>
 
 #include "loca_kernels/cpu_math.h"
+#include "loca_kernels/torch_checks.h"
 
 namespace {
 
-using loca_kernels::fast_exp;
+using loca_kernels::exp_sum_in_place;
 using loca_kernels::max_of;
 
 constexpr int64_t kBlockRows = 128;
@@ -34,7 +35,7 @@ constexpr int64_t kLanes = 16;
 // One tile of logits (rows, cols) in place: per row, the running max grows to cover the tile,
 // the tile becomes exp(l - max) (at most 1) and the running sum is rescaled and grows by its
 // sum; rescale[r] = exp(old max - new max) is what the caller multiplies its accumulator by.
-// 16 independent lanes per row: float max and sum are otherwise not vectorised.
+// 16 independent lanes per row: a float max is otherwise not vectorised.
 inline void update_rows(float* logits, int64_t rows, int64_t cols, float* running_max, float* running_sum,
                         float* rescale) {
   for (int64_t r = 0; r < rows; ++r) {
@@ -48,17 +49,7 @@ inline void update_rows(float* logits, int64_t rows, int64_t cols, float* runnin
     float grown = running_max[r];
     for (; j < cols; ++j) grown = max_of(grown, x[j]);
     for (int64_t l = 0; l < kLanes; ++l) grown = max_of(grown, lane[l]);
-    for (int64_t l = 0; l < kLanes; ++l) lane[l] = 0.0f;
-    j = 0;
-    for (; j + kLanes <= cols; j += kLanes) {
-      for (int64_t l = 0; l < kLanes; ++l) {
-        x[j + l] = fast_exp(x[j + l] - grown);
-        lane[l] += x[j + l];
-      }
-    }
-    float total = 0.0f;
-    for (; j < cols; ++j) total += (x[j] = fast_exp(x[j] - grown));
-    for (int64_t l = 0; l < kLanes; ++l) total += lane[l];
+    const float total = exp_sum_in_place(x, grown, cols);
     rescale[r] = std::exp(running_max[r] - grown);
     running_sum[r] = running_sum[r] * rescale[r] + total;
     running_max[r] = grown;
@@ -84,14 +75,17 @@ __attribute__((flatten)) void update_rows_baseline(float* logits, int64_t rows, 
 std::tuple<at::Tensor, at::Tensor> queue_contrastive_forward_cpu(const at::Tensor& query, const at::Tensor& positive,
                                                                  const at::Tensor& queue, double inv_temperature,
                                                                  bool with_grad) {
-  TORCH_CHECK(query.dim() == 2 && positive.sizes() == query.sizes() && queue.dim() == 2 &&
-                  queue.size(1) == query.size(1),
-              "queue_contrastive_forward: query and positive must be (N, D), queue (K, D)");
-  TORCH_CHECK(positive.scalar_type() == query.scalar_type() && queue.scalar_type() == query.scalar_type(),
-              "queue_contrastive_forward: query, positive and queue must share one dtype");
+  const loca_kernels::ErrorPrefix where{"queue_contrastive_forward", "cpu"};
+  TORCH_CHECK_VALUE(query.dim() == 2, where, ": query must be (N, D), got sizes ", query.sizes());
+  TORCH_CHECK_VALUE(positive.sizes() == query.sizes(), where, ": positive must be (N, D) = ", query.sizes(),
+                    " like query, got ", positive.sizes());
+  TORCH_CHECK_VALUE(queue.dim() == 2 && queue.size(1) == query.size(1), where, ": queue must be (K, D) with D = ",
+                    query.size(1), ", got ", queue.sizes());
+  TORCH_CHECK_TYPE(positive.scalar_type() == query.scalar_type() && queue.scalar_type() == query.scalar_type(), where,
+                   ": query, positive and queue must share one dtype, got ", query.scalar_type(), ", ",
+                   positive.scalar_type(), " and ", queue.scalar_type());
+  loca_kernels::kernel_dtype(where, "query", query);
   const auto type = query.scalar_type();
-  TORCH_CHECK(type == at::kFloat || type == at::kHalf || type == at::kBFloat16,
-              "queue_contrastive_forward: dtype must be float32, float16 or bfloat16, got ", type);
   const int64_t n = query.size(0), d = query.size(1), k = queue.size(0);
   const auto options = query.options().dtype(at::kFloat);
   at::Tensor loss = at::empty({n}, options);

@@ -19,6 +19,8 @@
 #include <cmath>
 #include <vector>
 
+#include "loca_kernels/torch_checks.h"
+
 namespace {
 
 // Adds, for each of `bins` bins along one axis of the crop (length `length` pixels in the crop's
@@ -85,30 +87,48 @@ acc_t region_weights(const View& v, const float* view_box, const float* region, 
   return acc_t(1) / static_cast<acc_t>(std::max<int64_t>(gy * gx, 1));
 }
 
+// The small per-view inputs in one arithmetic (float32 boxes, as the reference), contiguous, and
+// pointers to their data.
 struct Inputs {
-  at::Tensor boxes, regions, flip, turns;
+  at::Tensor boxes_tensor, regions_tensor, flip_tensor, turns_tensor;
+  const float* boxes;    // (M, 4)
+  const float* regions;  // (M, R, 4)
+  const bool* flip;      // (M,)
+  const int64_t* turns;  // (M,)
+  // The geometry of view m of an (h, w) map.
+  View view(int64_t m, int64_t h, int64_t w) const { return {turns[m] & 3, flip[m], h, w}; }
 };
 
-Inputs small_inputs(const at::Tensor& view_boxes, const at::Tensor& regions, const at::Tensor& view_flip,
-                    const at::Tensor& view_rot90, int64_t views) {
-  TORCH_CHECK(view_boxes.dim() == 2 && view_boxes.size(0) == views && view_boxes.size(1) == 4,
-              "view_boxes must be (M, 4) with M = ", views, ", got ", view_boxes.sizes());
-  TORCH_CHECK(regions.dim() == 3 && regions.size(0) == views && regions.size(2) == 4,
-              "regions must be (M, R, 4) with M = ", views, ", got ", regions.sizes());
-  TORCH_CHECK(view_flip.sizes() == at::IntArrayRef({views}) && view_rot90.sizes() == at::IntArrayRef({views}),
-              "view_flip and view_rot90 must be (M,)");
-  // Small per-view inputs in one arithmetic (float32 boxes, as the reference).
-  return {view_boxes.to(at::kFloat).contiguous(), regions.to(at::kFloat).contiguous(),
-          view_flip.to(at::kBool).contiguous(), view_rot90.to(at::kLong).contiguous()};
+// Checks the per-view inputs of `views` views.
+Inputs small_inputs(const loca_kernels::ErrorPrefix& where, const at::Tensor& view_boxes, const at::Tensor& regions,
+                    const at::Tensor& view_flip, const at::Tensor& view_rot90, int64_t views) {
+  TORCH_CHECK_VALUE(view_boxes.dim() == 2 && view_boxes.size(0) == views && view_boxes.size(1) == 4, where,
+                    ": view_boxes must be (M, 4) with M = ", views, ", got ", view_boxes.sizes());
+  TORCH_CHECK_VALUE(regions.dim() == 3 && regions.size(0) == views && regions.size(2) == 4, where,
+                    ": regions must be (M, R, 4) with M = ", views, ", got ", regions.sizes());
+  TORCH_CHECK_VALUE(view_flip.sizes() == at::IntArrayRef({views}), where, ": view_flip must be (M,) = (", views,
+                    ",), got ", view_flip.sizes());
+  TORCH_CHECK_VALUE(view_rot90.sizes() == at::IntArrayRef({views}), where, ": view_rot90 must be (M,) = (", views,
+                    ",), got ", view_rot90.sizes());
+  Inputs in{view_boxes.to(at::kFloat).contiguous(), regions.to(at::kFloat).contiguous(),
+            view_flip.to(at::kBool).contiguous(), view_rot90.to(at::kLong).contiguous()};
+  in.boxes = in.boxes_tensor.const_data_ptr<float>();
+  in.regions = in.regions_tensor.const_data_ptr<float>();
+  in.flip = in.flip_tensor.const_data_ptr<bool>();
+  in.turns = in.turns_tensor.const_data_ptr<int64_t>();
+  return in;
 }
 
 at::Tensor crop_features_cpu(const at::Tensor& features, const at::Tensor& view_boxes, const at::Tensor& regions,
                              at::IntArrayRef out_size, const at::Tensor& view_flip, const at::Tensor& view_rot90,
                              int64_t sampling_ratio) {
-  TORCH_CHECK(features.dim() == 4, "features must be (M, C, h, w), got ", features.sizes());
-  TORCH_CHECK(out_size.size() == 2 && out_size[0] > 0 && out_size[1] > 0, "out_size must be 2 positive ints");
+  const loca_kernels::ErrorPrefix where{"crop_features", "cpu"};
+  TORCH_CHECK_VALUE(features.dim() == 4, where, ": features must be (M, C, h, w), got ", features.sizes());
+  loca_kernels::check_cpu_float(where, "features", features);
+  TORCH_CHECK_VALUE(out_size.size() == 2 && out_size[0] > 0 && out_size[1] > 0, where,
+                    ": out_size must be 2 positive ints, got ", out_size);
   const int64_t views = features.size(0), channels = features.size(1), h = features.size(2), w = features.size(3);
-  const Inputs in = small_inputs(view_boxes, regions, view_flip, view_rot90, views);
+  const Inputs in = small_inputs(where, view_boxes, regions, view_flip, view_rot90, views);
   const int64_t nreg = regions.size(1), oh = out_size[0], ow = out_size[1];
   const at::Tensor f = features.contiguous();
   at::Tensor out = at::empty({views, nreg, channels, oh, ow}, features.options());
@@ -117,22 +137,18 @@ at::Tensor crop_features_cpu(const at::Tensor& features, const at::Tensor& view_
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* fp = f.const_data_ptr<scalar_t>();
     scalar_t* op = out.mutable_data_ptr<scalar_t>();
-    const float* boxes = in.boxes.const_data_ptr<float>();
-    const float* regs = in.regions.const_data_ptr<float>();
-    const bool* flips = in.flip.const_data_ptr<bool>();
-    const int64_t* turns = in.turns.const_data_ptr<int64_t>();
     at::parallel_for(0, views * nreg, 1, [&](int64_t begin, int64_t end) {
       std::vector<acc_t> a, b, fb, t;
       for (int64_t task = begin; task < end; ++task) {
         const int64_t m = task / nreg;
-        const View v{turns[m] & 3, flips[m], h, w};
+        const View v = in.view(m, h, w);
         const int64_t na = v.odd() ? ow : oh, nb = v.odd() ? oh : ow;
         a.resize(na * h);
         b.resize(nb * w);
         fb.resize(h * nb);
         t.resize(na * nb);
-        const acc_t scale = region_weights<acc_t>(v, boxes + m * 4, regs + task * 4, oh, ow, sampling_ratio,
-                                                  a.data(), b.data());
+        const acc_t scale = region_weights<acc_t>(v, in.boxes + m * 4, in.regions + task * 4, oh, ow,
+                                                  sampling_ratio, a.data(), b.data());
         for (int64_t c = 0; c < channels; ++c) {
           const scalar_t* fc = fp + (m * channels + c) * h * w;
           // fb = F B^T (h, nb), then t = A fb (na, nb).
@@ -171,13 +187,16 @@ at::Tensor crop_features_backward_cpu(const at::Tensor& grad_out, const at::Tens
                                       const at::Tensor& regions, at::IntArrayRef feature_size,
                                       const at::Tensor& view_flip, const at::Tensor& view_rot90,
                                       int64_t sampling_ratio) {
-  TORCH_CHECK(grad_out.dim() == 5, "grad_out must be (M, R, C, oh, ow), got ", grad_out.sizes());
-  TORCH_CHECK(feature_size.size() == 2 && feature_size[0] > 0 && feature_size[1] > 0,
-              "feature_size must be 2 positive ints");
+  const loca_kernels::ErrorPrefix where{"crop_features_backward", "cpu"};
+  TORCH_CHECK_VALUE(grad_out.dim() == 5, where, ": grad_out must be (M, R, C, oh, ow), got ", grad_out.sizes());
+  loca_kernels::check_cpu_float(where, "grad_out", grad_out);
+  TORCH_CHECK_VALUE(feature_size.size() == 2 && feature_size[0] > 0 && feature_size[1] > 0, where,
+                    ": feature_size must be 2 positive ints, got ", feature_size);
   const int64_t views = grad_out.size(0), nreg = grad_out.size(1), channels = grad_out.size(2);
   const int64_t oh = grad_out.size(3), ow = grad_out.size(4), h = feature_size[0], w = feature_size[1];
-  const Inputs in = small_inputs(view_boxes, regions, view_flip, view_rot90, views);
-  TORCH_CHECK(regions.size(1) == nreg, "regions must have R = ", nreg, " regions like grad_out");
+  const Inputs in = small_inputs(where, view_boxes, regions, view_flip, view_rot90, views);
+  TORCH_CHECK_VALUE(regions.size(1) == nreg, where, ": regions must have R = ", nreg, " regions like grad_out, got ",
+                    regions.size(1));
   const at::Tensor g = grad_out.contiguous();
   at::Tensor grad = at::zeros({views, channels, h, w}, grad_out.options());
   if (grad.numel() == 0 || nreg == 0) return grad;
@@ -186,24 +205,20 @@ at::Tensor crop_features_backward_cpu(const at::Tensor& grad_out, const at::Tens
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* gp = g.const_data_ptr<scalar_t>();
     scalar_t* dp = grad.mutable_data_ptr<scalar_t>();
-    const float* boxes = in.boxes.const_data_ptr<float>();
-    const float* regs = in.regions.const_data_ptr<float>();
-    const bool* flips = in.flip.const_data_ptr<bool>();
-    const int64_t* turns = in.turns.const_data_ptr<int64_t>();
     at::parallel_for(0, views * blocks, 1, [&](int64_t begin, int64_t end) {
       std::vector<acc_t> a, b, scale, gb, acc;
       for (int64_t task = begin; task < end; ++task) {
         const int64_t m = task / blocks, c0 = (task % blocks) * kChannelBlock;
         const int64_t c1 = std::min(c0 + kChannelBlock, channels);
-        const View v{turns[m] & 3, flips[m], h, w};
+        const View v = in.view(m, h, w);
         const int64_t na = v.odd() ? ow : oh, nb = v.odd() ? oh : ow;
         // The weights of every region of the view, computed once per task.
         a.resize(nreg * na * h);
         b.resize(nreg * nb * w);
         scale.resize(nreg);
         for (int64_t r = 0; r < nreg; ++r) {
-          scale[r] = region_weights<acc_t>(v, boxes + m * 4, regs + (m * nreg + r) * 4, oh, ow, sampling_ratio,
-                                           a.data() + r * na * h, b.data() + r * nb * w);
+          scale[r] = region_weights<acc_t>(v, in.boxes + m * 4, in.regions + (m * nreg + r) * 4, oh, ow,
+                                           sampling_ratio, a.data() + r * na * h, b.data() + r * nb * w);
         }
         gb.resize(na * w);
         acc.resize(h * w);

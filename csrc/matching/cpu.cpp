@@ -26,6 +26,7 @@
 #include <vector>
 
 #include "loca_kernels/cpu_math.h"
+#include "loca_kernels/torch_checks.h"
 
 namespace {
 
@@ -115,22 +116,23 @@ __attribute__((flatten)) void best_matches_baseline(const acc_t* an, int64_t row
   best_matches(an, rows, bn, nb, cp, best, best_index);
 }
 
-void check_inputs(const char* op, const at::Tensor& a, const at::Tensor& b) {
-  TORCH_CHECK(a.dim() == 3 && b.dim() == 3, op, ": a and b must be (B, N, C), got ", a.sizes(), " and ", b.sizes());
-  TORCH_CHECK(a.device().is_cpu() && b.device().is_cpu(), op, ": a and b must be on the CPU");
-  TORCH_CHECK(a.scalar_type() == b.scalar_type(), op, ": a has dtype ", a.scalar_type(), " but b has ",
-              b.scalar_type());
-  const auto dtype = a.scalar_type();
-  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf || dtype == at::kBFloat16, op,
-              ": dtype must be float32, float64, float16 or bfloat16, got ", dtype);
-  TORCH_CHECK(a.size(0) == b.size(0) && a.size(2) == b.size(2), op, ": a ", a.sizes(), " and b ", b.sizes(),
-              " must share B and C");
-  TORCH_CHECK(a.size(1) > 0 && b.size(1) > 0 && a.size(2) > 0, op, ": Na, Nb and C must be >= 1, got a ",
-              a.sizes(), " and b ", b.sizes());
+// a (B, Na, C) and b (B, Nb, C) on the CPU, of one float dtype, with Na, Nb, C >= 1.
+void check_inputs(const loca_kernels::ErrorPrefix& where, const at::Tensor& a, const at::Tensor& b) {
+  TORCH_CHECK_VALUE(a.dim() == 3 && b.dim() == 3, where, ": a and b must be (B, N, C), got sizes ", a.sizes(),
+                    " and ", b.sizes());
+  TORCH_CHECK_VALUE(a.device().is_cpu() && b.device().is_cpu(), where, ": a and b must be on the CPU, got ",
+                    a.device(), " and ", b.device());
+  TORCH_CHECK_TYPE(a.scalar_type() == b.scalar_type(), where, ": a and b must share one dtype, got ",
+                   a.scalar_type(), " and ", b.scalar_type());
+  loca_kernels::check_cpu_float(where, "a", a);
+  TORCH_CHECK_VALUE(a.size(0) == b.size(0) && a.size(2) == b.size(2), where, ": a and b must share B and C, got ",
+                    a.sizes(), " and ", b.sizes());
+  TORCH_CHECK_VALUE(a.size(1) > 0 && b.size(1) > 0 && a.size(2) > 0, where, ": Na, Nb and C must be >= 1, got a ",
+                    a.sizes(), " and b ", b.sizes());
 }
 
 std::tuple<at::Tensor, at::Tensor> patch_matching_cpu(const at::Tensor& a, const at::Tensor& b) {
-  check_inputs("patch_matching", a, b);
+  check_inputs({"patch_matching", "cpu"}, a, b);
   const int64_t batch = a.size(0), na = a.size(1), nb = b.size(1), c = a.size(2);
   const auto acc_dtype = a.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   at::Tensor index = at::empty({batch, na}, a.options().dtype(at::kLong));
@@ -171,18 +173,21 @@ std::tuple<at::Tensor, at::Tensor> patch_matching_cpu(const at::Tensor& a, const
 std::tuple<at::Tensor, at::Tensor> patch_matching_backward_cpu(const at::Tensor& grad_similarity,
                                                                const at::Tensor& a, const at::Tensor& b,
                                                                const at::Tensor& index) {
-  const char* op = "patch_matching_backward";
-  check_inputs(op, a, b);
+  const loca_kernels::ErrorPrefix where{"patch_matching_backward", "cpu"};
+  check_inputs(where, a, b);
   const int64_t batch = a.size(0), na = a.size(1), nb = b.size(1), c = a.size(2);
-  TORCH_CHECK(index.scalar_type() == at::kLong && index.sizes() == at::IntArrayRef({batch, na}), op,
-              ": index must be int64 (B, Na) = (", batch, ", ", na, "), got ", index.scalar_type(), " ",
-              index.sizes());
-  TORCH_CHECK(grad_similarity.sizes() == at::IntArrayRef({batch, na}) && grad_similarity.device().is_cpu(), op,
-              ": grad_similarity must be (B, Na) = (", batch, ", ", na, ") on the CPU, got ", grad_similarity.sizes());
+  TORCH_CHECK_TYPE(index.scalar_type() == at::kLong, where, ": index must be int64, got ", index.scalar_type());
+  TORCH_CHECK_VALUE(index.sizes() == at::IntArrayRef({batch, na}), where, ": index must be (B, Na) = (", batch, ", ",
+                    na, "), got ", index.sizes());
+  TORCH_CHECK_VALUE(grad_similarity.sizes() == at::IntArrayRef({batch, na}), where,
+                    ": grad_similarity must be (B, Na) = (", batch, ", ", na, "), got ", grad_similarity.sizes());
+  TORCH_CHECK_VALUE(grad_similarity.device().is_cpu() && index.device().is_cpu(), where,
+                    ": grad_similarity and index must be on the CPU, got ", grad_similarity.device(), " and ",
+                    index.device());
   const at::Tensor idx = index.contiguous();
   const int64_t* ip = idx.data_ptr<int64_t>();
   for (int64_t n = 0; n < batch * na; ++n)
-    TORCH_CHECK(ip[n] >= 0 && ip[n] < nb, op, ": index values must lie in [0, Nb=", nb, "), got ", ip[n]);
+    TORCH_CHECK_VALUE(ip[n] >= 0 && ip[n] < nb, where, ": index values must lie in [0, Nb = ", nb, "), got ", ip[n]);
   at::Tensor grad_a = at::empty(a.sizes(), a.options());
   at::Tensor grad_b = at::empty(b.sizes(), b.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.scalar_type(), "patch_matching_backward_cpu", [&] {

@@ -33,7 +33,7 @@
 
 namespace {
 
-using loca_kernels::fast_exp;
+using loca_kernels::exp_sum_in_place;
 using loca_kernels::max_of;
 
 constexpr int64_t kChunkRows = 128;
@@ -58,22 +58,6 @@ inline float shift_row(const float* s, const float* col_scale, float inv_epsilon
   }
   for (int64_t l = 0; l < kLanes; ++l) peak = max_of(peak, lane_max[l]);
   return peak;
-}
-
-// x[j] = exp(x[j] - shift) in place; returns the sum.
-inline float exp_in_place(float* x, float shift, int64_t k) {
-  float lane_sum[kLanes] = {};
-  int64_t j = 0;
-  for (; j + kLanes <= k; j += kLanes) {
-    for (int64_t l = 0; l < kLanes; ++l) {
-      x[j + l] = fast_exp(x[j + l] - shift);
-      lane_sum[l] += x[j + l];
-    }
-  }
-  float total = 0.0f;
-  for (; j < k; ++j) total += (x[j] = fast_exp(x[j] - shift));
-  for (int64_t l = 0; l < kLanes; ++l) total += lane_sum[l];
-  return total;
 }
 
 // x[j] *= a.
@@ -118,18 +102,18 @@ inline void process_chunk(const Pass<scalar_t>& p, int64_t chunk, float* convert
     const float peak = shift_row(row, p.col_scale, p.inv_epsilon, k, x);
     if (!p.normalize_rows) {
       if (p.write) {
-        exp_in_place(x, 0.0f, k);
+        exp_sum_in_place(x, 0.0f, k);
         continue;
       }
       // exp(x - shift) with shift >= every x of the chunk so far: no overflow.
       const float grown = max_of(*shift, peak);
       const float rescale = *shift == grown ? 1.0f : std::exp(*shift - grown);
       *shift = grown;
-      exp_in_place(x, grown, k);
+      exp_sum_in_place(x, grown, k);
       scale_add(sums, rescale, x, 1.0f, k);
       continue;
     }
-    const float weight = 1.0f / exp_in_place(x, peak, k);  // the sum is >= 1 (the max's term)
+    const float weight = 1.0f / exp_sum_in_place(x, peak, k);  // the sum is >= 1 (the max's term)
     if (p.write) {
       scale(x, weight, k);
     } else {

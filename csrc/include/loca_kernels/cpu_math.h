@@ -103,4 +103,23 @@ inline float fast_exp(float x) {
   return x < -87.0f ? 0.0f : p * scale;
 }
 
+// x[j] = fast_exp(x[j] - shift) in place for j < n; returns their sum, taken in 16 independent
+// lanes (a float sum is otherwise not vectorised) plus the tail: the tail's sum first, then the
+// lanes in order, so the result depends on n only, not on the instruction set or the caller.
+inline float exp_sum_in_place(float* x, float shift, int64_t n) {
+  constexpr int64_t kLanes = 16;
+  float lane_sum[kLanes] = {};
+  int64_t j = 0;
+  for (; j + kLanes <= n; j += kLanes) {
+    for (int64_t l = 0; l < kLanes; ++l) {
+      x[j + l] = fast_exp(x[j + l] - shift);
+      lane_sum[l] += x[j + l];
+    }
+  }
+  float total = 0.0f;
+  for (; j < n; ++j) total += (x[j] = fast_exp(x[j] - shift));
+  for (int64_t l = 0; l < kLanes; ++l) total += lane_sum[l];
+  return total;
+}
+
 }  // namespace loca_kernels
