@@ -231,7 +231,12 @@ def check_against_reference(backend, device, shape):
     for dtype in _dtypes(backend, device):
         # The oracle sees the same rounded inputs (grad_out included), in float64.
         q, kv = q64.to(dtype), kv64.to(dtype)
-        for form, keep in keep_forms(bk, views, nk, torch.Generator().manual_seed(7)).items():
+        forms = keep_forms(bk, views, nk, torch.Generator().manual_seed(7))
+        if backend == "triton" and device == "cpu" and dtype != torch.float32:
+            # The interpreter is slow (CI budget): beyond float32, the three forms that exercise
+            # its distinct code paths (no keep, index lists, runs); every form on a GPU.
+            forms = {name: forms[name] for name in ("none", "index_per_row", "run_shared_by_all")}
+        for form, keep in forms.items():
             moved = lk.KeepRun(keep.start.to(device), keep.length) if isinstance(keep, lk.KeepRun) else \
                 None if keep is None else keep.to(device)
             got = _grads(backend, q.to(device), kv.to(device), moved, grad_out.to(device))
