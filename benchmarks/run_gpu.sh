@@ -66,8 +66,9 @@ fi
 stage backends 30 python -c "import json, loca_kernels; print(json.dumps(loca_kernels.backends(), indent=1))"
 
 # Every test parametrized on a CUDA backend or device (ids "cuda-cuda", "triton-cuda",
-# "torch-cuda", and tests named for CUDA): every op, backend and dtype at least once.
-stage tests 170 python -m pytest tests/ -q -x -p no:cacheprovider -k cuda -rs --durations=15 \
+# "torch-cuda", and tests named for CUDA): every op, backend and dtype at least once; and
+# test_timm.py, since timm imports there.
+stage tests 170 python -m pytest tests/ -q -x -p no:cacheprovider -k "cuda or timm" -rs --durations=15 \
   --junitxml="$OUT/tests.xml"
 
 if [ "$REHEARSAL" = 1 ] || ! command -v compute-sanitizer >/dev/null; then
