@@ -37,38 +37,42 @@ def _normalised(x, denom):
 
 
 @triton.jit
+def _load_rows(rows, ok, k0, c, sc, BLOCK_K: tl.constexpr):
+    """Channels k0 .. k0 + BLOCK_K of a block of rows (`rows`: (R, 1) row pointers, `ok`: (R,)
+    which exist) in float32, zeros outside."""
+    offs_k = k0 + tl.arange(0, BLOCK_K)
+    return tl.load(rows + offs_k[None, :] * sc, mask=ok[:, None] & (offs_k < c)[None, :], other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _row_norm(rows, ok, c, sc, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+    """|row| in float32 of each of a block of BLOCK_R rows (as _load_rows)."""
+    squares = tl.zeros([BLOCK_R], tl.float32)
+    for k0 in range(0, c, BLOCK_K):
+        x = _load_rows(rows, ok, k0, c, sc, BLOCK_K)
+        squares += tl.sum(x * x, axis=1)
+    return tl.sqrt(squares)
+
+
+@triton.jit
 def _forward_kernel(a, b, index, similarity, na, nb, c, sab, san, sac, sbb, sbn, sbc, eps,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     batch = tl.program_id(1)
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_k = tl.arange(0, BLOCK_K)
     row_ok = offs_m < na
     a_rows = a + batch * sab + offs_m[:, None] * san
-    squares_a = tl.zeros([BLOCK_M], tl.float32)
-    for k0 in range(0, c, BLOCK_K):
-        k_ok = (k0 + offs_k) < c
-        x = tl.load(a_rows + (k0 + offs_k)[None, :] * sac, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        x = x.to(tl.float32)
-        squares_a += tl.sum(x * x, axis=1)
-    denom_a = tl.maximum(tl.sqrt(squares_a), eps)
+    denom_a = tl.maximum(_row_norm(a_rows, row_ok, c, sac, BLOCK_M, BLOCK_K), eps)
     best = tl.full([BLOCK_M], float("-inf"), tl.float32)
     best_index = tl.zeros([BLOCK_M], tl.int32)
     for n0 in range(0, nb, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         col_ok = offs_n < nb
         b_rows = b + batch * sbb + offs_n[:, None] * sbn
-        squares_b = tl.zeros([BLOCK_N], tl.float32)
-        for k0 in range(0, c, BLOCK_K):
-            k_ok = (k0 + offs_k) < c
-            y = tl.load(b_rows + (k0 + offs_k)[None, :] * sbc, mask=col_ok[:, None] & k_ok[None, :], other=0.0)
-            y = y.to(tl.float32)
-            squares_b += tl.sum(y * y, axis=1)
-        denom_b = tl.maximum(tl.sqrt(squares_b), eps)
+        denom_b = tl.maximum(_row_norm(b_rows, col_ok, c, sbc, BLOCK_N, BLOCK_K), eps)
         s = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
         for k0 in range(0, c, BLOCK_K):
-            k_ok = (k0 + offs_k) < c
-            x = tl.load(a_rows + (k0 + offs_k)[None, :] * sac, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-            y = tl.load(b_rows + (k0 + offs_k)[None, :] * sbc, mask=col_ok[:, None] & k_ok[None, :], other=0.0)
+            x = _load_rows(a_rows, row_ok, k0, c, sac, BLOCK_K)
+            y = _load_rows(b_rows, col_ok, k0, c, sbc, BLOCK_K)
             s = tl.dot(_normalised(x, denom_a[:, None]), tl.trans(_normalised(y, denom_b[:, None])), s,
                        input_precision="ieee")
         s = tl.where(col_ok[None, :], s, float("-inf"))
@@ -98,9 +102,8 @@ def _grad_a_kernel(grad_similarity, a, b, index, grad_a, weight, along, na, c, s
     squares_b = tl.zeros([BLOCK_M], tl.float32)
     dots = tl.zeros([BLOCK_M], tl.float32)
     for k0 in range(0, c, BLOCK_K):
-        mask = row_ok[:, None] & ((k0 + offs_k) < c)[None, :]
-        x = tl.load(a_rows + (k0 + offs_k)[None, :] * sac, mask=mask, other=0.0).to(tl.float32)
-        y = tl.load(b_rows + (k0 + offs_k)[None, :] * sbc, mask=mask, other=0.0).to(tl.float32)
+        x = _load_rows(a_rows, row_ok, k0, c, sac, BLOCK_K)
+        y = _load_rows(b_rows, row_ok, k0, c, sbc, BLOCK_K)
         squares_a += tl.sum(x * x, axis=1)
         squares_b += tl.sum(y * y, axis=1)
         dots += tl.sum(x * y, axis=1)
@@ -113,8 +116,8 @@ def _grad_a_kernel(grad_similarity, a, b, index, grad_a, weight, along, na, c, s
     gated = tl.where(norm_a >= eps, sim, 0.0)
     for k0 in range(0, c, BLOCK_K):
         mask = row_ok[:, None] & ((k0 + offs_k) < c)[None, :]
-        x = tl.load(a_rows + (k0 + offs_k)[None, :] * sac, mask=mask, other=0.0).to(tl.float32)
-        y = tl.load(b_rows + (k0 + offs_k)[None, :] * sbc, mask=mask, other=0.0).to(tl.float32)
+        x = _load_rows(a_rows, row_ok, k0, c, sac, BLOCK_K)
+        y = _load_rows(b_rows, row_ok, k0, c, sbc, BLOCK_K)
         grad = scale[:, None] * (y / e[:, None] - gated[:, None] * x / d[:, None])
         tl.store(grad_a + rows[:, None] * c + (k0 + offs_k)[None, :], grad.to(grad_a.dtype.element_ty), mask=mask)
     tl.store(weight + rows, scale, mask=row_ok)
@@ -137,12 +140,7 @@ def _grad_b_kernel(a, b, order, chosen, starts, weight, along, grad_b, na, nb, c
     first = tl.load(starts + batch * (nb + 1) + j0)
     last = tl.load(starts + batch * (nb + 1) + tl.minimum(j0 + BLOCK_J, nb))
     b_rows = b + batch * sbb + offs_j[:, None] * sbn
-    squares = tl.zeros([BLOCK_J], tl.float32)
-    for k0 in range(0, c, BLOCK_K):
-        y = tl.load(b_rows + (k0 + offs_k)[None, :] * sbc, mask=j_ok[:, None] & ((k0 + offs_k) < c)[None, :],
-                    other=0.0).to(tl.float32)
-        squares += tl.sum(y * y, axis=1)
-    norm = tl.sqrt(squares)
+    norm = _row_norm(b_rows, j_ok, c, sbc, BLOCK_J, BLOCK_K)
     e = tl.maximum(norm, eps)
     total = tl.zeros([BLOCK_J], tl.float32)
     for g0 in range(first, last, BLOCK_G):
@@ -159,11 +157,10 @@ def _grad_b_kernel(a, b, order, chosen, starts, weight, along, grad_b, na, nb, c
             i = tl.load(order + batch * na + g0 + offs_g, mask=g_ok, other=0)
             hit = tl.load(chosen + batch * na + g0 + offs_g, mask=g_ok, other=-1)[None, :] == offs_j[:, None]
             pick = tl.where(hit, tl.load(weight + batch * na + i, mask=g_ok, other=0.0)[None, :], 0.0)
-            x = tl.load(a + batch * sab + i[:, None] * san + (k0 + offs_k)[None, :] * sac,
-                        mask=g_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
+            x = _load_rows(a + batch * sab + i[:, None] * san, g_ok, k0, c, sac, BLOCK_K)
             acc = tl.dot(pick, x, acc, input_precision="ieee")
-        y = tl.load(b_rows + (k0 + offs_k)[None, :] * sbc, mask=j_ok[:, None] & k_ok[None, :], other=0.0)
-        grad = (acc - gated[:, None] * y.to(tl.float32) / e[:, None]) / e[:, None]
+        y = _load_rows(b_rows, j_ok, k0, c, sbc, BLOCK_K)
+        grad = (acc - gated[:, None] * y / e[:, None]) / e[:, None]
         tl.store(grad_b + (batch * nb + offs_j[:, None]) * c + (k0 + offs_k)[None, :],
                  grad.to(grad_b.dtype.element_ty), mask=j_ok[:, None] & k_ok[None, :])
 
