@@ -58,8 +58,11 @@ def backend_params(operator: str, *, reference: bool = True) -> list:
     cannot run. "torch" (the reference, when `reference`) and "cpu" take CPU tensors, "cuda"
     CUDA tensors, "triton" CUDA tensors where a GPU exists, else CPU tensors under the
     interpreter (conftest.py sets TRITON_INTERPRET=1 without a GPU)."""
-    from loca_kernels._backends import support
+    from loca_kernels._backends import EXTENSION_ERROR, support
 
+    # A misspelt operator would otherwise skip every fused backend as "built without a kernel".
+    if EXTENSION_ERROR is None and not hasattr(torch.ops.loca_kernels, operator):
+        raise ValueError(f"backend_params: loca_kernels::{operator} is not an operator of the extension")
     gpu = torch.cuda.is_available()
     pairs = [("torch", "cpu")] * reference + [("cpu", "cpu"), ("triton", "cuda" if gpu else "cpu"), ("cuda", "cuda")]
     params = []

@@ -44,7 +44,7 @@ def test_export_runs_in_timm_as_the_encoder(name, image_size):
 
 
 @pytest.mark.parametrize("qkv_bias", [True, False])
-@pytest.mark.parametrize("backend,device", backend_params("masked_cross_attention"))
+@pytest.mark.parametrize("backend,device", backend_params("attention_forward"))
 def test_from_timm_matches_timms_attention_pool(qkv_bias, backend, device):
     dim, heads, latents, tokens = 64, 4, 3, 11
     torch.manual_seed(0)
