@@ -22,6 +22,12 @@ from __future__ import annotations
 import torch
 
 
+def _grid(x: torch.Tensor, y: torch.Tensor):
+    """Per-column x (..., cols) and per-row y (..., rows) as two (..., rows, cols) maps."""
+    rows, cols = y.shape[-1], x.shape[-1]
+    return x[..., None, :].expand(*x.shape[:-1], rows, cols), y[..., :, None].expand(*y.shape[:-1], rows, cols)
+
+
 def _centres(boxes: torch.Tensor, rows: int, cols: int):
     """Patch-centre coordinates (..., rows, cols) of crops `boxes` (..., 4) split rows x cols."""
     x0, y0, x1, y1 = boxes.unbind(-1)
@@ -29,7 +35,7 @@ def _centres(boxes: torch.Tensor, rows: int, cols: int):
     r = torch.arange(rows, dtype=torch.float64, device=boxes.device) + 0.5
     x = x0[..., None] + c * ((x1 - x0) / torch.full_like(x1, cols))[..., None]
     y = y0[..., None] + r * ((y1 - y0) / torch.full_like(y1, rows))[..., None]
-    return x[..., None, :].expand(*x.shape[:-1], rows, cols), y[..., :, None].expand(*y.shape[:-1], rows, cols)
+    return _grid(x, y)
 
 
 def _nearest(o: torch.Tensor, n_in, n_out) -> torch.Tensor:
@@ -48,7 +54,7 @@ def _pixels(boxes: torch.Tensor, rows: int, cols: int, size):
     t = _nearest(torch.arange(rows, dtype=torch.float64, device=boxes.device), size[0], rows)
     x = x0[..., None] + _nearest(u, (x1 - x0)[..., None], size[1])
     y = y0[..., None] + _nearest(t, (y1 - y0)[..., None], size[0])
-    return x[..., None, :].expand(*x.shape[:-1], rows, cols), y[..., :, None].expand(*y.shape[:-1], rows, cols)
+    return _grid(x, y)
 
 
 def relative_position_targets(query_boxes, ref_boxes, query_grid, ref_grid, query_flip, ref_flip,
