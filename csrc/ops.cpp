@@ -40,8 +40,14 @@ TORCH_LIBRARY(loca_kernels, m) {
         "Tensor keep_index, Tensor keep_count, bool keep_is_run, float scale) -> (Tensor, Tensor, Tensor)");
 
   // Relative-position targets (SPEC.md section 3); flips and turns always given (zeros when unused).
+  // query_size None: rule "centre", the reference patch under each query patch's centre.
+  // query_size (rows, cols): rule "scenic", the official LOCA labels for query views of that many
+  // pixels (as the network sees them): boxes are integer source pixels (read floored), each patch
+  // reads the reference patch of the source pixel that TF's float32 nearest-neighbour resizes
+  // (crop -> query_size -> query_grid; reference grid -> its crop) give it.
   m.def("relative_position_targets(Tensor query_boxes, Tensor ref_boxes, int[] query_grid, "
-        "int[] ref_grid, Tensor query_flip, Tensor ref_flip, Tensor query_rot90, int ignore_index) -> Tensor");
+        "int[] ref_grid, Tensor query_flip, Tensor ref_flip, Tensor query_rot90, int ignore_index, "
+        "int[]? query_size=None) -> Tensor");
 
   // One streaming pass of Sinkhorn (SPEC.md section 4) over scores (N, K), float32 results.
   // With x[i, j] = scores[i, j] * inv_epsilon - col_scale[j], p[i, j] = softmax_j(x[i, j]) when

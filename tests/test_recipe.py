@@ -24,8 +24,8 @@ from loca_train.views import crop_views, hsv_to_rgb, make_views, rgb_to_hsv, sol
 MICRO = dict(image_size=16, patch_size=4, focal_size=8, num_focal=2, query_tokens_kept=6,
              embed_dim=32, depth=2, num_heads=2, head_hidden_dim=32, head_bottleneck_dim=16,
              num_prototypes=32, batch_size=256, num_workers=0, progress=False)
-OFFICIAL = dict(crop_sampler="tf", jitter_style="tf", solarize=0.2, teacher_mode="train", init="xavier",
-                source_size=0, mean_entropy_over="all")
+OFFICIAL = dict(crop_sampler="tf", label_rule="scenic", jitter_style="tf", solarize=0.2, teacher_mode="train",
+                init="xavier", source_size=0, mean_entropy_over="all")
 
 
 def test_presets_default_to_the_official_recipe_and_help_shows_them():
@@ -34,14 +34,14 @@ def test_presets_default_to_the_official_recipe_and_help_shows_them():
         assert {key: getattr(cfg, key) for key in OFFICIAL} == OFFICIAL
         assert cfg.stochastic_depth == 0.1 and cfg.color_jitter == 0.8 and cfg.grayscale == 0.2
     tiny = preset("tiny")
-    assert (tiny.crop_sampler, tiny.jitter_style, tiny.solarize, tiny.teacher_mode, tiny.init,
-            tiny.mean_entropy_over) == ("rrc", "fixed", 0.0, "eval", "trunc_normal", "valid")
+    assert (tiny.crop_sampler, tiny.label_rule, tiny.jitter_style, tiny.solarize, tiny.teacher_mode, tiny.init,
+            tiny.mean_entropy_over) == ("rrc", "centre", "fixed", 0.0, "eval", "trunc_normal", "valid")
     out = io.StringIO()
     with contextlib.redirect_stdout(out), pytest.raises(SystemExit):
         parse_args(["--preset", "vit_b16", "--help"])
     text = " ".join(out.getvalue().split())
-    for shown in ("(vit_b16: tf)", "(vit_b16: 0.2)", "(vit_b16: train)", "(vit_b16: xavier)", "(vit_b16: all)",
-                  "(vit_b16: 0)", "(vit_b16: 768)"):
+    for shown in ("(vit_b16: tf)", "(vit_b16: scenic)", "(vit_b16: 0.2)", "(vit_b16: train)", "(vit_b16: xavier)",
+                  "(vit_b16: all)", "(vit_b16: 0)", "(vit_b16: 768)"):
         assert shown in text
     assert parse_args(["--preset", "vit_b16", "--teacher-mode", "eval"]).teacher_mode == "eval"
     with contextlib.redirect_stderr(io.StringIO()), pytest.raises(SystemExit):
@@ -156,7 +156,7 @@ def test_full_resolution_sources(tmp_path):
 def test_solarisation_on_query_zero_only():
     images = [torch.randint(0, 256, (3, 30, 40), dtype=torch.uint8, generator=torch.Generator().manual_seed(i))
               for i in range(4)]
-    cfg = preset("vit_b16", **dict(MICRO, crop_sampler="rrc"))
+    cfg = preset("vit_b16", **dict(MICRO, crop_sampler="rrc", label_rule="centre"))
     drawn = torch.cat([StepBatches(images, cfg)[step].solarized for step in range(8)])    # 2048 draws
     assert abs(float(drawn.double().mean()) - 0.2) < 0.03
     x = torch.tensor([0.0, 0.3, 0.49, 0.5, 0.8, 1.0]).view(1, 1, 1, 6).expand(2, 3, 1, 6)
@@ -175,7 +175,7 @@ def test_solarisation_on_query_zero_only():
 
 def test_tf_jitter_draws():
     images = [torch.zeros(3, 30, 40, dtype=torch.uint8)] * 4
-    cfg = preset("vit_b16", **dict(MICRO, crop_sampler="rrc"))
+    cfg = preset("vit_b16", **dict(MICRO, crop_sampler="rrc", label_rule="centre"))
     batch = StepBatches(images, cfg)[0]
     order, params = batch.jitter_order.reshape(-1, 4), batch.jitter.reshape(-1, 4)
     applied = order[:, 0] >= 0
@@ -291,3 +291,43 @@ def test_official_recipe_learns_on_a_fixed_batch():
         optimizer.step()
         losses.append(loss.item())
     assert all(math.isfinite(value) for value in losses) and losses[-1] < losses[0], losses
+
+
+@pytest.mark.parametrize("argv, rule, sizes", [
+    (["--preset", "vit_b16"], "scenic", [(16, 16), (8, 8)]),
+    (["--preset", "vit_b16", "--label-rule", "centre"], "centre", [None, None]),
+])
+def test_label_rule_flag_reaches_the_op(argv, rule, sizes, monkeypatch):
+    import loca_train.objective as objective
+
+    chosen = parse_args(argv)
+    cfg = preset(chosen.preset, **dict(MICRO, batch_size=2, crop_sampler=chosen.crop_sampler,
+                                       label_rule=chosen.label_rule))
+    calls, real = [], objective.relative_position_targets
+
+    def spy(*args, **kwargs):
+        calls.append((kwargs["rule"], kwargs["query_size"]))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(objective, "relative_position_targets", spy)
+    images = [torch.randint(0, 256, (3, 40, 56), dtype=torch.uint8, generator=torch.Generator().manual_seed(i))
+              for i in range(2)]
+    batch = StepBatches(images, cfg)[0]
+    assert torch.equal(batch.query_boxes, batch.query_boxes.round())        # tf boxes: integer pixels
+    torch.manual_seed(0)
+    student = LocaNet(cfg)
+    loss, _ = loca_forward(student, ema_teacher(student, cfg).reference, LocaLoss(), batch, cfg)
+    assert math.isfinite(loss.item())
+    assert calls == [(rule, size) for size in sizes]                         # first query, then the focal ones
+
+
+def test_scenic_labels_need_integer_boxes():
+    with pytest.raises(ValueError, match="label_rule=scenic needs integer crop boxes .*crop_sampler=rrc"):
+        preset("vit_b16", crop_sampler="rrc")
+    with pytest.raises(ValueError, match="label_rule=scenic"):
+        preset("tiny", label_rule="scenic")
+    with contextlib.redirect_stderr(io.StringIO()) as err, pytest.raises(SystemExit):
+        parse_args(["--label-rule", "scenic"])
+    assert "crop_sampler=tf" in err.getvalue()
+    with contextlib.redirect_stderr(io.StringIO()), pytest.raises(SystemExit):
+        parse_args(["--label-rule", "center"])

@@ -16,9 +16,10 @@ namespace {
 at::Tensor relative_position_targets_cuda(const at::Tensor& query_boxes, const at::Tensor& ref_boxes,
                                           at::IntArrayRef query_grid, at::IntArrayRef ref_grid,
                                           const at::Tensor& query_flip, const at::Tensor& ref_flip,
-                                          const at::Tensor& query_rot90, int64_t ignore_index) {
+                                          const at::Tensor& query_rot90, int64_t ignore_index,
+                                          at::OptionalIntArrayRef query_size) {
   check_targets_inputs({"relative_position_targets", "cuda"}, query_boxes, ref_boxes, query_grid, ref_grid,
-                       query_flip, ref_flip, query_rot90);
+                       query_flip, ref_flip, query_rot90, query_size);
   const int64_t batch = query_boxes.size(0), views = query_boxes.size(1);
   const c10::cuda::CUDAGuard guard(query_boxes.device());
   // Per-view inputs are tiny: converting them keeps one arithmetic (float64) and one layout.
@@ -30,7 +31,8 @@ at::Tensor relative_position_targets_cuda(const at::Tensor& query_boxes, const a
   at::Tensor out = at::empty({batch, views, query_grid[0] * query_grid[1]}, qb.options().dtype(at::kLong));
   TargetsParams params{qb.data_ptr<double>(), rb.data_ptr<double>(), qf.data_ptr<int8_t>(), rf.data_ptr<int8_t>(),
                        qr.data_ptr<int32_t>(), out.data_ptr<int64_t>(), batch, views, query_grid[0], query_grid[1],
-                       ref_grid[0], ref_grid[1], ignore_index};
+                       ref_grid[0], ref_grid[1], ignore_index, query_size.has_value() ? (*query_size)[0] : 0,
+                       query_size.has_value() ? (*query_size)[1] : 0};
   C10_CUDA_CHECK(launch_relative_position_targets(params, c10::cuda::getCurrentCUDAStream()));
   return out;
 }

@@ -11,7 +11,8 @@ namespace loca_kernels {
 
 inline void check_targets_inputs(const ErrorPrefix& where, const at::Tensor& query_boxes, const at::Tensor& ref_boxes,
                                  at::IntArrayRef query_grid, at::IntArrayRef ref_grid, const at::Tensor& query_flip,
-                                 const at::Tensor& ref_flip, const at::Tensor& query_rot90) {
+                                 const at::Tensor& ref_flip, const at::Tensor& query_rot90,
+                                 at::OptionalIntArrayRef query_size) {
   TORCH_CHECK_VALUE(query_boxes.dim() == 3 && query_boxes.size(2) == 4, where,
                     ": query_boxes must be (B, V, 4), got ", query_boxes.sizes());
   const int64_t batch = query_boxes.size(0), views = query_boxes.size(1);
@@ -30,6 +31,10 @@ inline void check_targets_inputs(const ErrorPrefix& where, const at::Tensor& que
                     ": query_grid and ref_grid must be (rows, cols), got ", query_grid, " and ", ref_grid);
   TORCH_CHECK_VALUE(query_grid[0] > 0 && query_grid[1] > 0 && ref_grid[0] > 0 && ref_grid[1] > 0, where,
                     ": grids must have positive sides, got query_grid ", query_grid, " and ref_grid ", ref_grid);
+  TORCH_CHECK_VALUE(!query_size.has_value() || (query_size->size() == 2 && (*query_size)[0] > 0 &&
+                                                (*query_size)[1] > 0),
+                    where, ": query_size must be None or (rows, cols) of positive pixels, got ",
+                    query_size.has_value() ? c10::str(*query_size) : std::string("None"));
 }
 
 }  // namespace loca_kernels

@@ -1,11 +1,20 @@
 // Relative-position targets on CUDA: one thread per query patch of the whole batch, in one
 // launch. The arithmetic is the reference's (loca_kernels/targets/reference.py) in float64,
 // with explicitly rounded operations (__dmul_rn, __dadd_rn, ...) so that nvcc cannot contract
-// them into FMAs: results are identical to the reference element for element.
+// them into FMAs: results are identical to the reference element for element. Rule "scenic"
+// (p.ph > 0): TF's float32 nearest-neighbour indices, rounded the same way (__fdiv_rn, ...).
 #include "loca_kernels/targets.h"
 
 namespace loca_kernels {
 namespace {
+
+// TF's nearest-neighbour input index (half-pixel centres, float32) of output index o for a side
+// of n_in resized to n_out.
+__device__ int64_t tf_nearest(int64_t o, int64_t n_in, int64_t n_out) {
+  const float scale = __fdiv_rn(static_cast<float>(n_in), static_cast<float>(n_out));
+  const int64_t index = static_cast<int64_t>(floorf(__fmul_rn(__fadd_rn(static_cast<float>(o), 0.5f), scale)));
+  return index < n_in - 1 ? index : n_in - 1;
+}
 
 __global__ void targets_kernel(TargetsParams p) {
   const int64_t patches = p.hq * p.wq;
@@ -26,6 +35,25 @@ __global__ void targets_kernel(TargetsParams p) {
   if (p.query_flip[view]) c = gw - 1 - c;
   const double* box = p.query_boxes + view * 4;
   const double* ref = p.ref_boxes + b * 4;
+  if (p.ph > 0) {
+    // Integer boxes; the view's pixel size before turning is (vh, vw).
+    const int64_t vh = turns % 2 == 0 ? p.ph : p.pw, vw = turns % 2 == 0 ? p.pw : p.ph;
+    int64_t qbox[4], rbox[4];
+    for (int k = 0; k < 4; ++k) {
+      qbox[k] = static_cast<int64_t>(floor(box[k]));
+      rbox[k] = static_cast<int64_t>(floor(ref[k]));
+    }
+    const int64_t x = qbox[0] + tf_nearest(tf_nearest(c, vw, gw), qbox[2] - qbox[0], vw);
+    const int64_t y = qbox[1] + tf_nearest(tf_nearest(r, vh, gh), qbox[3] - qbox[1], vh);
+    int64_t target = p.ignore_index;
+    if (x >= rbox[0] && x < rbox[2] && y >= rbox[1] && y < rbox[3]) {
+      int64_t col = tf_nearest(x - rbox[0], p.wr, rbox[2] - rbox[0]);
+      if (p.ref_flip[b]) col = p.wr - 1 - col;
+      target = tf_nearest(y - rbox[1], p.hr, rbox[3] - rbox[1]) * p.wr + col;
+    }
+    p.out[index] = target;
+    return;
+  }
   const double step_x = __ddiv_rn(__dsub_rn(box[2], box[0]), static_cast<double>(gw));
   const double step_y = __ddiv_rn(__dsub_rn(box[3], box[1]), static_cast<double>(gh));
   const double x = __dadd_rn(box[0], __dmul_rn(__dadd_rn(static_cast<double>(c), 0.5), step_x));

@@ -11,18 +11,20 @@ from typing import Optional
 import torch
 
 from .._backends import choose_backend, support
-from .._validation import check_boxes, check_grid, check_same_device, check_tensor, per_view, shape_str
+from .._validation import (check_boxes, check_grid, check_same_device, check_tensor, per_view, shape_str,
+                           values_checkable)
 from . import reference
 from .ops import OPERATORS
 
 __all__ = ["relative_position_targets", "gather_at_targets"]
 
 OP = "relative_position_targets"
+RULES = ("centre", "scenic")
 
 def relative_position_targets(query_boxes: torch.Tensor, ref_boxes: torch.Tensor, query_grid, ref_grid, *,
                               query_flip: Optional[torch.Tensor] = None, ref_flip: Optional[torch.Tensor] = None,
                               query_rot90: Optional[torch.Tensor] = None, ignore_index: int = -1,
-                              backend: Optional[str] = None) -> torch.Tensor:
+                              rule: str = "centre", query_size=None, backend: Optional[str] = None) -> torch.Tensor:
     """For every patch of every query view, the reference patch under its centre.
 
     Args:
@@ -35,12 +37,21 @@ def relative_position_targets(query_boxes: torch.Tensor, ref_boxes: torch.Tensor
         query_rot90: (B, V) int in 0..3: after the flip the view was turned by
             torch.rot90(view, k, dims=(-2, -1)).
         ignore_index: the target of a patch whose centre lies outside the reference box.
+        rule: "centre" (default): the reference patch under the query patch's centre.
+            "scenic": the official LOCA labels bit for bit (docs/SPEC.md section 3): TF's
+            nearest-neighbour resizes of the reference's index grid to its crop, of the query
+            crop to query_size, then to query_grid; each patch reads the reference patch of one
+            source pixel. Needs integer boxes (source pixels) and query_size.
+        query_size: (rows, cols) pixel size of the query views as the network sees them (the
+            official 224 x 224 and 96 x 96), for rule="scenic" only.
         backend: None, "torch", "cpu", "triton" or "cuda".
 
     Returns:
         int64 (B, V, rows * cols) in raster order of the query view: row * ref_cols + col of the
         reference patch (mirrored when ref_flip), or ignore_index.
     """
+    if rule not in RULES:
+        raise ValueError(f"{OP}: rule must be one of {', '.join(map(repr, RULES))}, got {rule!r}")
     check_tensor(OP, "query_boxes", query_boxes, ndim=3, layout="(B, V, 4)")
     check_tensor(OP, "ref_boxes", ref_boxes, ndim=2, layout="(B, 4)")
     check_boxes(OP, "query_boxes", query_boxes)
@@ -57,12 +68,22 @@ def relative_position_targets(query_boxes: torch.Tensor, ref_boxes: torch.Tensor
     query_flip = per_view(OP, "query_flip", query_flip, (b, v), device, "bool")
     ref_flip = per_view(OP, "ref_flip", ref_flip, (b,), device, "bool")
     query_rot90 = per_view(OP, "query_rot90", query_rot90, (b, v), device, "int")
+    if rule == "scenic":
+        if query_size is None:
+            raise ValueError(f"{OP}: rule='scenic' needs query_size, the (rows, cols) pixel size of the query views")
+        query_size = list(check_grid(OP, "query_size", query_size))
+        for arg, boxes in (("query_boxes", query_boxes), ("ref_boxes", ref_boxes)):
+            if values_checkable(boxes) and not bool((boxes == boxes.floor()).all()):
+                raise ValueError(f"{OP}: rule='scenic' needs integer boxes (source pixels), but {arg} has "
+                                 f"fractional coordinates")
+    elif query_size is not None:
+        raise ValueError(f"{OP}: query_size is only used by rule='scenic', got {query_size!r} with rule='centre'")
     name = choose_backend(OP, backend, device, support(OP, device))
     if name == "torch":
         return reference.relative_position_targets(query_boxes, ref_boxes, query_grid, ref_grid, query_flip,
-                                                   ref_flip, query_rot90, ignore_index)
+                                                   ref_flip, query_rot90, ignore_index, query_size)
     return OPERATORS[name](query_boxes, ref_boxes, list(query_grid), list(ref_grid), query_flip, ref_flip,
-                           query_rot90, ignore_index)
+                           query_rot90, ignore_index, query_size)
 
 
 def gather_at_targets(values: torch.Tensor, targets: torch.Tensor, *, ignore_index: int = -1,

@@ -7,7 +7,8 @@ import torch
 from .._backends import fused_operators
 
 
-def _targets_fake(query_boxes, ref_boxes, query_grid, ref_grid, query_flip, ref_flip, query_rot90, ignore_index):
+def _targets_fake(query_boxes, ref_boxes, query_grid, ref_grid, query_flip, ref_flip, query_rot90, ignore_index,
+                  query_size=None):
     b, v = query_boxes.shape[:2]
     return query_boxes.new_empty((b, v, query_grid[0] * query_grid[1]), dtype=torch.int64)
 

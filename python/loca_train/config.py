@@ -47,6 +47,11 @@ class Config:
                                        "fallback); rrc = float RandomResizedCrop-style boxes (log-uniform "
                                        "aspect 3/4-4/3, 10 tries, central crop as fallback)",
                                 choices=("tf", "rrc"))
+    label_rule: str = setting("centre", "query patch labels (relative_position_targets' rule): scenic = official: "
+                                        "the reference patch of the one source pixel that TF's nearest-neighbour "
+                                        "resizes give each query patch, about half a view pixel off its centre "
+                                        "(needs integer boxes: --crop-sampler tf); centre = the reference patch "
+                                        "under the patch's centre", choices=("scenic", "centre"))
     color_jitter: float = setting(0.8, "probability of brightness/contrast/saturation/hue jitter")
     jitter_style: str = setting("fixed", "tf = official: the four in a random order per view, additive "
                                          "brightness, per-channel contrast, HSV saturation and hue; fixed = "
@@ -112,11 +117,11 @@ class Config:
 
 # The official LOCA ImageNet-1k recipe (scenic/projects/loca, 100 epochs at a global batch of
 # 1024 = 16 processes x 64); ViT-S/16 and ViT-B/16 differ only in width. The tiny preset keeps
-# the project's cheaper or deterministic choices (small source images, rrc crops, fixed jitter,
-# no solarisation, eval-mode teacher, me-max over the valid patches, truncated-normal init, a
-# faster EMA teacher).
+# the project's cheaper or deterministic choices (small source images, rrc crops, centre labels,
+# fixed jitter, no solarisation, eval-mode teacher, me-max over the valid patches,
+# truncated-normal init, a faster EMA teacher).
 _OFFICIAL = dict(
-    source_size=0, crop_sampler="tf", jitter_style="tf", solarize=0.2, teacher_mode="train",
+    source_size=0, crop_sampler="tf", label_rule="scenic", jitter_style="tf", solarize=0.2, teacher_mode="train",
     mean_entropy_over="all", init="xavier", num_workers=8, patch_size=16, image_size=224, focal_size=96,
     num_focal=9, query_tokens_kept=70, color_jitter=0.8, grayscale=0.2, depth=12, mlp_ratio=4.0,
     stochastic_depth=0.1, head_hidden_dim=2048, head_bottleneck_dim=256, num_prototypes=4096,
@@ -162,6 +167,9 @@ def validate(cfg: Config) -> None:
         choices = f.metadata["choices"]
         if choices and getattr(cfg, f.name) not in choices:
             raise UsageError(f"{f.name} must be one of {', '.join(choices)}, got {getattr(cfg, f.name)!r}")
+    if cfg.label_rule == "scenic" and cfg.crop_sampler != "tf":
+        raise UsageError(f"label_rule=scenic needs integer crop boxes (crop_sampler=tf), got crop_sampler="
+                         f"{cfg.crop_sampler}; use label_rule=centre with rrc boxes")
     if cfg.source_size and cfg.source_size < cfg.image_size // 2:
         raise UsageError(f"source_size={cfg.source_size} is far below image_size="
                          f"{cfg.image_size}; crops would be blown-up blurs")
@@ -226,9 +234,9 @@ def parse_args(argv=None) -> Config:
     defaults = dataclasses.replace(Config(), **PRESETS[chosen])
     parser.add_argument("--preset", default="tiny", choices=sorted(PRESETS),
                         help="tiny: small ViT on small images, minutes on a CPU, keeping the project's "
-                             "cheaper or deterministic choices (rrc crops at source_size 64, fixed jitter, "
-                             "no solarisation, eval-mode teacher, truncated-normal init); vit_s16/vit_b16: "
-                             "the official LOCA ImageNet recipe in every point")
+                             "cheaper or deterministic choices (rrc crops at source_size 64, centre labels, "
+                             "fixed jitter, no solarisation, eval-mode teacher, truncated-normal init); "
+                             "vit_s16/vit_b16: the official LOCA ImageNet recipe in every point")
     for f in fields(Config):
         if f.name == "preset":
             continue

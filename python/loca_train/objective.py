@@ -48,14 +48,20 @@ def loca_forward(student, teacher_reference, loss_fn: LocaLoss, batch: Batch, cf
     focal = make_views(batch.images, batch.query_boxes[:, 1:], cfg.focal_size, batch.query_flips[:, 1:],
                        jitter[2:], gray[2:], rows(2, None))
 
-    # Targets: which reference patch each query patch lies on (-1: outside the reference).
+    # Targets: which reference patch each query patch lies on (-1: outside the reference); the
+    # scenic rule follows the pixels of views of image_size and focal_size.
+    def pixels(size):
+        return (size, size) if cfg.label_rule == "scenic" else None
+
     query_targets = relative_position_targets(
         batch.query_boxes[:, :1], batch.ref_boxes, (ref_grid, ref_grid), (ref_grid, ref_grid),
-        query_flip=batch.query_flips[:, :1], backend=cfg.backend)
+        query_flip=batch.query_flips[:, :1], rule=cfg.label_rule, query_size=pixels(cfg.image_size),
+        backend=cfg.backend)
     query_targets = query_targets[:, 0].gather(1, batch.query_kept)                 # (B, n0)
     focal_targets = relative_position_targets(
         batch.query_boxes[:, 1:], batch.ref_boxes, (focal_grid, focal_grid), (ref_grid, ref_grid),
-        query_flip=batch.query_flips[:, 1:], backend=cfg.backend)                   # (B, Vf, nf)
+        query_flip=batch.query_flips[:, 1:], rule=cfg.label_rule, query_size=pixels(cfg.focal_size),
+        backend=cfg.backend)                                                        # (B, Vf, nf)
     targets = torch.cat([query_targets, focal_targets.flatten(1)], dim=1)[:, None]   # (B, 1, n)
 
     with torch.no_grad():

@@ -16,6 +16,7 @@ struct TargetsParams {
   const int32_t* query_rot90;  // (B, V), values in 0..3
   int64_t* out;                // (B, V, hq * wq)
   int64_t batch, views, hq, wq, hr, wr, ignore_index;
+  int64_t ph, pw;              // rule "scenic": query views' pixel size (as seen); 0: rule "centre"
 };
 
 cudaError_t launch_relative_position_targets(const TargetsParams& params, cudaStream_t stream);
