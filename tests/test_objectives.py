@@ -16,6 +16,10 @@ import torch
 
 from loca_train import UsageError, parse_args, preset, train
 from loca_train import evaluate as ev
+from loca_train.batches import StepBatches
+from loca_train.images import ProceduralImages
+from loca_train.objectives import objective_of
+from loca_train.objectives.mmc import masked_count, patch_pixels
 from test_train import MICRO, _free_port, _records, _without_timing
 
 # Micro settings of each objective beside test_train's MICRO (16-pixel globals: 4 x 4 patches,
@@ -176,3 +180,51 @@ def test_two_process_gloo_run_of_each_objective(tmp_path):
         assert state["world_size"] == 2 and state["config"]["objective"] == objective
         if "queue_ptr" in state["criterion"]:   # every rank's keys were enqueued: 2 ranks x 4 images
             assert int(state["criterion"]["queue_ptr"]) == 3 * 8 * (2 if objective == "mmc" else 1) % 64
+
+
+class _PixelMaps(torch.nn.Module):
+    """A GTSA student and teacher whose feature maps are the rendered views themselves: every
+    pair's pooled maps then agree exactly where the crop term aligns them in the source image."""
+
+    def forward(self, global_views, local_views):
+        return global_views, local_views, torch.zeros(global_views.shape[0] + local_views.shape[0], 4)
+
+    def target_maps(self, global_views):
+        return global_views
+
+
+def test_gtsa_crop_term_aligns_turned_views():
+    cfg = _cfg("gtsa", batch_size=8, color_jitter=0.0, grayscale=0.0, num_matches_global=1, num_matches_local=1)
+    batch = StepBatches(ProceduralImages(cfg.num_images, cfg.source_size), cfg)[0]
+    assert batch.turns.unique().numel() > 1
+    objective, maps = objective_of(cfg), _PixelMaps()
+    criterion = objective.make_criterion(cfg, None, 1)
+    _, metrics = objective.forward(maps, maps.target_maps, criterion, batch, cfg, 0)
+    assert metrics["loss_crop"] < -0.99
+    # A teacher map turned once more than its view no longer lines up.
+    turned = lambda views: torch.rot90(views, 1, dims=(-2, -1))   # noqa: E731
+    _, metrics = objective.forward(maps, turned, criterion, batch, cfg, 0)
+    assert metrics["loss_crop"] > -0.9
+
+
+def test_mmc_masks_and_pixel_targets_follow_the_token_order():
+    cfg = _cfg("mmc")
+    batch = StepBatches(ProceduralImages(cfg.num_images, cfg.source_size), cfg)[0]
+    grid = cfg.image_size // cfg.patch_size
+    assert (batch.masks.sum(-1) == masked_count(cfg)).all() and masked_count(cfg) == round(0.6 * grid ** 2)
+    # Patch k of a view whose patches are constant k: its target pixels are all k.
+    views = torch.arange(grid * grid, dtype=torch.float32).view(1, 1, grid, grid)
+    views = views.repeat_interleave(cfg.patch_size, 2).repeat_interleave(cfg.patch_size, 3).expand(2, 3, -1, -1)
+    targets = patch_pixels(views, cfg.patch_size)
+    assert targets.shape == (2, grid * grid, 3 * cfg.patch_size ** 2)
+    assert torch.equal(targets, torch.arange(grid * grid, dtype=torch.float32)[None, :, None].expand_as(targets))
+    # The student's encoder sees the mask token at the masked patches and nothing of them.
+    student = objective_of(cfg).build_student(cfg).eval()
+    images, mask = torch.randn(1, 3, cfg.image_size, cfg.image_size), batch.masks[0, :1]
+    other = images.clone()
+    patches = other.view(1, 3, grid, cfg.patch_size, grid, cfg.patch_size).permute(0, 1, 2, 4, 3, 5)  # a view
+    patches[:, :, mask[0].view(grid, grid)] = 5.0    # change the pixels of the masked patches only
+    with torch.no_grad():
+        encode = lambda x, m: student.encoder(x, mask=m, mask_token=student.mask_token)   # noqa: E731
+        assert torch.equal(encode(images, mask), encode(other, mask))
+        assert not torch.equal(encode(images, None), encode(other, None))
