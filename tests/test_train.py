@@ -17,7 +17,7 @@ from loca_train import preset
 from loca_train.batches import StepBatches
 from loca_train.images import ProceduralImages
 from loca_train.model import LocaNet
-from loca_train.objective import loca_forward
+from loca_train.objectives.loca import loca_forward
 from loca_train.train import TIMING_FIELDS
 
 # A micro model on 16-pixel images: a step takes milliseconds on one CPU core.

@@ -133,7 +133,7 @@ def test_banner_end_line_config_and_summary(tmp_path, capsys, monkeypatch):
     status, stdout, err = _main(capsys, output_dir="run")
     assert status == 0, err
     lines = stdout.splitlines()
-    assert lines[0] == f"loca_train: preset tiny, {STEPS} steps"
+    assert lines[0] == f"loca_train: loca, preset tiny, {STEPS} steps"
     labels = [line.split()[0] for line in lines[1:5]]
     assert labels == ["processes", "kernels", "data", "output"]
     assert lines[1].split() == ["processes", "1", "on", "cpu"]

@@ -1,4 +1,5 @@
-"""loca_train: a small, faithful LOCA pretraining application built on loca_kernels.
+"""loca_train: a small, faithful dense self-supervised pretraining application built on
+loca_kernels: LOCA, and with --objective DenseCL, GTSA or MMC (objectives/, docs/OBJECTIVES.md).
 
 Run `python -m loca_train --help`. `train(config)` runs training from Python; `preset(name,
 **overrides)` builds a Config; settings or inputs to fix raise UsageError (a ValueError).

@@ -1,4 +1,5 @@
-"""`python -m loca_train [--preset tiny|vit_s16|vit_b16] [--any-setting VALUE ...]`"""
+"""`python -m loca_train [--preset tiny|vit_s16|vit_b16] [--objective loca|densecl|gtsa|mmc]
+[--any-setting VALUE ...]`"""
 import sys
 
 import torch.distributed as dist

@@ -1,4 +1,5 @@
-"""Training settings: one dataclass, three presets, and a command line that can override every field."""
+"""Training settings: one dataclass, three presets (with per-objective overrides), and a command line
+that can override every field."""
 from __future__ import annotations
 
 import argparse
@@ -13,6 +14,9 @@ class UsageError(ValueError):
     exits with status 2, as argparse does."""
 
 
+OBJECTIVES = ("loca", "densecl", "gtsa", "mmc")
+
+
 def setting(default, help_text: str, choices: Optional[Tuple[str, ...]] = None):
     """A Config field with its command-line help (and, for a string, its allowed values)."""
     return field(default=default, metadata={"help": help_text, "choices": choices})
@@ -23,6 +27,10 @@ class Config:
     """Every setting of a run. Presets fill it in; each field is also a command-line flag."""
 
     preset: str = setting("tiny", "preset name")
+    objective: str = setting("loca", "dense objective (docs/OBJECTIVES.md): loca, densecl (two views, global and "
+                                     "dense InfoNCE with queues), gtsa (turned multi-crop, crop, correspondence "
+                                     "and rotation terms), mmc (masked image modelling, self-distillation, global "
+                                     "contrast)", choices=OBJECTIVES)
     # Data: None = the built-in procedural image set; else an ImageFolder-style directory.
     data: Optional[str] = setting(None, "ImageFolder-style directory of images (class sub-folders); "
                                         "default: the built-in procedural set")
@@ -39,9 +47,11 @@ class Config:
     query_tokens_kept: int = setting(23, "tokens of the first query kept before the encoder")
     reference_visible: float = setting(0.2, "fraction of reference tokens visible, one consecutive run")
     reference_area: Tuple[float, float] = setting((0.32, 1.0),
-                                                  "area range of the reference crop (fraction of the image)")
+                                                  "area range of the reference crop (fraction of the image); "
+                                                  "densecl, gtsa, mmc: of the global (image_size) views")
     query_area: Tuple[float, float] = setting((0.32, 1.0), "area range of the first query crop")
-    focal_area: Tuple[float, float] = setting((0.05, 0.32), "area range of the focal query crops")
+    focal_area: Tuple[float, float] = setting((0.05, 0.32), "area range of the focal query crops; gtsa, mmc: of "
+                                                            "the num_focal local (focal_size) views")
     crop_sampler: str = setting("rrc", "crop boxes: tf = integer boxes as TF's sample_distorted_bounding_box "
                                        "(official: aspect 0.75-1.33 uniform, 100 tries, whole image as "
                                        "fallback); rrc = float RandomResizedCrop-style boxes (log-uniform "
@@ -66,26 +76,53 @@ class Config:
     num_heads: int = setting(3, "attention heads (encoder and cross-attention)")
     mlp_ratio: float = setting(4.0, "MLP hidden width / embed_dim")
     stochastic_depth: float = setting(0.0, "drop-path rate of the last encoder block (linear from 0)")
-    init: str = setting("trunc_normal", "dense-layer initialisation: xavier = official (xavier_uniform "
+    init: str = setting("trunc_normal", "loca's dense-layer initialisation (the other objectives use trunc_normal, "
+                                        "as DenseCL-, GTSA- and DINO-style ViTs): xavier = official (xavier_uniform "
                                         "attention and MLP weights, per q/k/v matrix; MLP biases N(0, 1e-6); "
                                         "other dense layers lecun_normal); trunc_normal = N(0, 0.02) "
                                         "truncated, zero biases", choices=("xavier", "trunc_normal"))
-    head_hidden_dim: int = setting(256, "clustering head hidden width")
-    head_bottleneck_dim: int = setting(64, "clustering head bottleneck width")
-    num_prototypes: int = setting(256, "clustering prototypes")
+    head_hidden_dim: int = setting(256, "clustering head hidden width (gtsa: rotation predictor; mmc: "
+                                           "distillation and contrast heads)")
+    head_bottleneck_dim: int = setting(64, "clustering head bottleneck width (gtsa: rotation predictor; "
+                                               "mmc: distillation head)")
+    num_prototypes: int = setting(256, "clustering prototypes (mmc: distillation head outputs)")
     # LOCA objective.
     sharpening: float = setting(0.05, "teacher softmax temperature before Sinkhorn")
     sinkhorn_iterations: int = setting(3, "Sinkhorn normalisation rounds")
-    student_temperature: float = setting(0.1, "temperature of the student's prototype logits")
+    student_temperature: float = setting(0.1, "temperature of the student's prototype logits (loca, mmc)")
     # The official 0.996 leaves a 200-step teacher close to its initialisation (its dense
     # features measure as random init's; docs/EVALUATION.md): tiny's teacher follows faster.
     teacher_momentum: float = setting(0.98, "EMA momentum at step 0, raised to 1 on a cosine")
+    teacher_momentum_schedule: str = setting("cosine", "cosine = the momentum rises to 1 on a cosine (LOCA, DINO, "
+                                                       "GTSA); constant = teacher_momentum throughout (MoCo, "
+                                                       "DenseCL)", choices=("cosine", "constant"))
     teacher_mode: str = setting("eval", "train = official: the EMA teacher encodes the reference in "
                                         "training mode (its stochastic depth active); eval = deterministic "
                                         "teacher", choices=("train", "eval"))
     mean_entropy_over: str = setting("valid", "all = official: the mean-entropy (me-max) term averages the student's "
                                               "predictions over every query patch; valid = only over the patches "
                                               "inside the reference", choices=("valid", "all"))
+    # DenseCL, GTSA and MMC (each objective's values: OBJECTIVE_PRESETS).
+    projection_dim: int = setting(128, "output width of the projection heads (densecl, gtsa, mmc)")
+    queue_size: int = setting(65536, "negatives per queue (densecl, mmc), a multiple of the global batch "
+                                     "(mmc: of twice the global batch)")
+    contrast_temperature: float = setting(0.2, "InfoNCE temperature (densecl, mmc)")
+    dense_weight: float = setting(0.5, "densecl: weight lambda of the dense term, (1 - lambda) of the global one")
+    num_matches_global: int = setting(98, "gtsa: patch pairs kept per direction for a global student view")
+    num_matches_local: int = setting(18, "gtsa: patch pairs kept per direction for a local student view")
+    pool_global: int = setting(10, "gtsa: side of the crop term's pooled intersection for a global student view")
+    pool_local: int = setting(4, "gtsa: side of the pooled intersection for a local student view")
+    min_overlap: float = setting(0.01, "gtsa: least intersection of a local crop with each global crop "
+                                       "(fraction of the image; twice that between the global crops)")
+    correspondence_weight: float = setting(0.5, "gtsa: weight of the patch-correspondence term (0 during the "
+                                                "warmup_steps)")
+    rotation_weight: float = setting(0.5, "gtsa: weight of the quarter-turn prediction term")
+    mask_ratio: float = setting(0.6, "mmc: fraction of each global view's patches masked for the student")
+    teacher_temperature: float = setting(0.04, "mmc: temperature of the teacher's distillation targets")
+    center_momentum: float = setting(0.9, "mmc: EMA momentum of the teacher's distillation centre")
+    mim_weight: float = setting(1.0, "mmc: weight of the masked-patch reconstruction term")
+    distill_weight: float = setting(1.0, "mmc: weight of the global-to-local self-distillation term")
+    contrast_weight: float = setting(1.0, "mmc: weight of the global contrast term")
     # Optimisation.
     batch_size: int = setting(32, "images per process and step")
     steps: int = setting(200, "optimiser steps")
@@ -136,14 +173,78 @@ PRESETS = {
 }
 
 
-def preset(name: str, **overrides) -> Config:
-    """The Config of preset `name` with `overrides` applied (field name -> value)."""
+# Each objective's settings on top of a preset: "tiny" for the tiny preset, "official" for
+# vit_s16/vit_b16 (whose LOCA recipe values the objective does not set stay as they are).
+# Sources: DenseCL configs/selfsup/densecl/densecl_imagenet_200ep.py (WXinlong/DenseCL);
+# GTSA main_pretrain.py, util/gtsa_transforms.py (bok3948/GTSA); MMC: docs/OBJECTIVES.md.
+_DENSECL = dict(
+    reference_area=(0.2, 1.0),          # RandomResizedCrop(224, scale=(0.2, 1.))
+    crop_sampler="rrc", teacher_mode="eval", solarize=0.0,
+    teacher_momentum_schedule="constant",   # MoCo's key encoder: a constant momentum
+)
+_GTSA = dict(
+    reference_area=(0.3, 1.0), focal_area=(0.1, 0.3),   # min/max_scale_crops [0.3, 0.1], [1., 0.3]
+    crop_sampler="rrc", solarize=0.0,
+    teacher_mode="eval",                # momentum_encoder drop_path_rate=0.
+    min_overlap=0.01,                   # GTSATransforms min_intersection (doubled between the globals)
+    correspondence_weight=0.5,          # --pc_loss_coef
+    rotation_weight=0.5,                # --rot_pre_coef
+    weight_decay=0.04,                  # --weight_decay (GTSA raises it to 0.4 on a cosine; constant here)
+    clip_grad=3.0,                      # --clip_grad
+)
+_MMC = dict(
+    reference_area=(0.4, 1.0), focal_area=(0.05, 0.4),  # DINO's global/local crop scales
+    crop_sampler="rrc", solarize=0.0, teacher_mode="eval",
+)
+OBJECTIVE_PRESETS = {
+    "loca": {"tiny": {}, "official": {}},
+    "densecl": {
+        "tiny": dict(_DENSECL, projection_dim=64, queue_size=1024,
+                     # 0.999 leaves a 200-step teacher at its initialisation (as 0.996 does for LOCA)
+                     teacher_momentum=0.99),
+        "official": dict(_DENSECL, projection_dim=128,   # feat_dim=128
+                         queue_size=65536,              # queue_len=65536
+                         contrast_temperature=0.2,      # ContrastiveHead temperature=0.2
+                         dense_weight=0.5,              # loss_lambda=0.5
+                         teacher_momentum=0.999),       # momentum=0.999
+    },
+    "gtsa": {
+        "tiny": dict(_GTSA, num_focal=4, focal_size=16, projection_dim=64, num_matches_global=32,
+                     num_matches_local=8, pool_global=6, pool_local=3),
+        "official": dict(_GTSA, focal_size=96, num_focal=8,  # --size-crops 224 96, --num-crops 2 8
+                         projection_dim=768,                 # --out_dim (projector and predictor output)
+                         head_hidden_dim=768, head_bottleneck_dim=128,  # rot_predictor 384-768-768-128-4
+                         num_matches_global=98, num_matches_local=18,   # --num_matches (98, 18)
+                         pool_global=10, pool_local=4,                   # --roi_out_size 10 4
+                         teacher_momentum=0.996,                         # --momentum_teacher
+                         lr=5e-4, lr_reference_batch=256,                # --blr 0.0005 x batch / 256
+                         stochastic_depth=0.1),                          # base_encoder drop_path_rate=0.1
+    },
+    "mmc": {
+        "tiny": dict(_MMC, num_focal=4, focal_size=16, projection_dim=64, queue_size=1024),
+        "official": dict(_MMC, focal_size=96, num_focal=8,   # DINO's 96-pixel local crops, 8 of them
+                         projection_dim=256, queue_size=65536, teacher_momentum=0.996),
+    },
+}
+
+
+def _preset_values(name: str, objective: str) -> dict:
+    """The settings preset `name` gives for `objective` (before the user's overrides)."""
     if name not in PRESETS:
         raise UsageError(f"unknown preset {name!r}, expected one of {sorted(PRESETS)}")
+    if objective not in OBJECTIVE_PRESETS:
+        raise UsageError(f"unknown objective {objective!r}, expected one of {', '.join(OBJECTIVES)}")
+    return {**PRESETS[name], **OBJECTIVE_PRESETS[objective]["tiny" if name == "tiny" else "official"]}
+
+
+def preset(name: str, **overrides) -> Config:
+    """The Config of preset `name` for overrides["objective"] (default loca), with `overrides`
+    applied (field name -> value)."""
     unknown = set(overrides) - {f.name for f in fields(Config)}
     if unknown:
         raise UsageError(f"unknown settings {sorted(unknown)}")
-    cfg = dataclasses.replace(Config(), **{**PRESETS[name], **overrides}, preset=name)
+    values = _preset_values(name, overrides.get("objective", "loca"))
+    cfg = dataclasses.replace(Config(), **{**values, **overrides}, preset=name)
     validate(cfg)
     return cfg
 
@@ -167,9 +268,7 @@ def validate(cfg: Config) -> None:
         choices = f.metadata["choices"]
         if choices and getattr(cfg, f.name) not in choices:
             raise UsageError(f"{f.name} must be one of {', '.join(choices)}, got {getattr(cfg, f.name)!r}")
-    if cfg.label_rule == "scenic" and cfg.crop_sampler != "tf":
-        raise UsageError(f"label_rule=scenic needs integer crop boxes (crop_sampler=tf), got crop_sampler="
-                         f"{cfg.crop_sampler}; use label_rule=centre with rrc boxes")
+    _validate_objective(cfg)
     if cfg.source_size and cfg.source_size < cfg.image_size // 2:
         raise UsageError(f"source_size={cfg.source_size} is far below image_size="
                          f"{cfg.image_size}; crops would be blown-up blurs")
@@ -188,6 +287,30 @@ def validate(cfg: Config) -> None:
         raise UsageError(f"eval_images must be >= 2, got {cfg.eval_images}")
     if cfg.resume and cfg.overwrite:
         raise UsageError("--resume continues the run in output_dir, --overwrite replaces it: give one")
+
+
+def _validate_objective(cfg: Config) -> None:
+    """The settings of cfg.objective that the objective's modules cannot take."""
+    if cfg.objective == "loca" and cfg.label_rule == "scenic" and cfg.crop_sampler != "tf":
+        raise UsageError(f"label_rule=scenic needs integer crop boxes (crop_sampler=tf), got crop_sampler="
+                         f"{cfg.crop_sampler}; use label_rule=centre with rrc boxes")
+    if cfg.objective == "gtsa":
+        patches = {"num_matches_global": (cfg.image_size // cfg.patch_size) ** 2,
+                   "num_matches_local": (cfg.focal_size // cfg.patch_size) ** 2}
+        for name, most in patches.items():
+            if not 1 <= getattr(cfg, name) <= most:
+                raise UsageError(f"{name} must be in [1, {most}] (the patches of its views), got {getattr(cfg, name)}")
+        for name in ("pool_global", "pool_local"):
+            if getattr(cfg, name) < 1:
+                raise UsageError(f"{name} must be >= 1, got {getattr(cfg, name)}")
+        if not 0 <= cfg.min_overlap < 0.5:
+            raise UsageError(f"min_overlap must be in [0, 0.5), got {cfg.min_overlap}")
+    if cfg.objective == "mmc" and not 0 < cfg.mask_ratio < 1:
+        raise UsageError(f"mask_ratio must be in (0, 1), got {cfg.mask_ratio}")
+    if cfg.objective in ("densecl", "mmc"):
+        if cfg.queue_size < 1 or cfg.contrast_temperature <= 0:
+            raise UsageError(f"queue_size must be >= 1 and contrast_temperature > 0, got {cfg.queue_size} and "
+                             f"{cfg.contrast_temperature}")
 
 
 def _flag_type(field_type: str):
@@ -222,16 +345,19 @@ def parse_args(argv=None) -> Config:
     # The preset comes first: --help shows the defaults of the preset given with it.
     chooser = Parser(add_help=False)
     chooser.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
-    chosen = chooser.parse_known_args(argv)[0].preset
+    chooser.add_argument("--objective", default="loca", choices=OBJECTIVES)
+    known = chooser.parse_known_args(argv)[0]
+    chosen = known.preset
     parser = Parser(
         prog="python -m loca_train",
-        description="LOCA pretraining (location-aware self-supervised ViT) using loca_kernels. "
-                    f"Pick a preset, then override any setting; defaults shown are the {chosen} preset's "
-                    "(python -m loca_train --preset NAME --help shows another's).",
+        description="Dense self-supervised ViT pretraining (LOCA, DenseCL, GTSA, MMC) using loca_kernels. "
+                    "Pick a preset and an objective, then override any setting; defaults shown are the "
+                    f"{chosen} preset's for --objective {known.objective} (python -m loca_train --preset NAME "
+                    "--objective NAME --help shows another's).",
         epilog="Presets other than tiny set: " + ", ".join(
             f"{name}={values}" for name, values in _OFFICIAL.items())
             + "; vit_s16: embed_dim=384, num_heads=6; vit_b16: embed_dim=768, num_heads=12.")
-    defaults = dataclasses.replace(Config(), **PRESETS[chosen])
+    defaults = dataclasses.replace(Config(), **_preset_values(chosen, known.objective))
     parser.add_argument("--preset", default="tiny", choices=sorted(PRESETS),
                         help="tiny: small ViT on small images, minutes on a CPU, keeping the project's "
                              "cheaper or deterministic choices (rrc crops at source_size 64, centre labels, "

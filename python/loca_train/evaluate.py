@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from . import checkpoint
 from .config import Config, Parser, UsageError, config_from_dict, usage_error
 from .images import IGNORE_LABEL, SCENE_CLASSES, ProceduralImages, SegmentationFolder
-from .model import LocaNet
+from .objectives import objective_of
 from .monitor import format_duration, versions
 from .views import normalize
 
@@ -114,11 +114,11 @@ def raw_pixel_features(cfg: Config) -> Callable:
 
 
 def random_init_encoder(cfg: Config) -> torch.nn.Module:
-    """The encoder a run with `cfg` starts from (train() seeds with cfg.seed, then builds
-    LocaNet), built without touching the caller's random state."""
+    """The encoder a run with `cfg` starts from (train() seeds with cfg.seed, then builds the
+    objective's student), built without touching the caller's random state."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
-        return LocaNet(cfg).encoder.eval()
+        return objective_of(cfg).build_student(cfg).encoder.eval()
 
 
 # ------------------------------------------------------------------ metrics on one image
@@ -596,7 +596,7 @@ def main(argv=None) -> int:
     except UsageError as error:
         parser.error(str(error))
 
-    pretrained = LocaNet(cfg).encoder
+    pretrained = objective_of(cfg).build_student(cfg).encoder
     prefix = "encoder."
     pretrained.load_state_dict({k[len(prefix):]: v for k, v in state[args.which].items() if k.startswith(prefix)})
     sources = {"pretrained": encoder_features(pretrained.to(device).eval(), cfg),

@@ -8,7 +8,7 @@ its prototype scores (the Sinkhorn targets).
 from __future__ import annotations
 
 import copy
-from typing import NamedTuple, Optional
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -66,10 +66,16 @@ class Encoder(nn.Module):
         self.blocks = nn.ModuleList(EncoderBlock(dim, cfg.num_heads, cfg.mlp_ratio, r) for r in rates)
         self.norm = nn.LayerNorm(dim, LAYER_NORM_EPS)
 
-    def forward(self, images: torch.Tensor, kept: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(self, images: torch.Tensor, kept: Optional[torch.Tensor] = None,
+                mask: Optional[torch.Tensor] = None, mask_token: Optional[torch.Tensor] = None) -> torch.Tensor:
         """images (B, 3, H, W) -> tokens (B, N, dim) in raster order; with kept (B, n) int64,
-        only those token positions are encoded (dropped before the first block)."""
+        only those token positions are encoded (dropped before the first block); with mask
+        (B, N) bool, the patch embeddings there are replaced by mask_token (dim,) before the
+        positions are added (SimMIM's masking)."""
         x = self.patch_embed(images)
+        if mask is not None:
+            grid = mask.view(mask.shape[0], 1, *x.shape[-2:])
+            x = torch.where(grid, mask_token.view(1, -1, 1, 1).to(x.dtype), x)
         x = (x + resize_pos_embed(self.pos_embed, x.shape[-2:])).flatten(2).transpose(1, 2)
         if kept is not None:
             x = x.gather(1, kept[..., None].expand(-1, -1, x.shape[-1]))
@@ -110,7 +116,7 @@ class LocaNet(nn.Module):
         if cfg.init == "xavier":
             init_official(self)
         else:
-            self.apply(_init_weights)
+            self.apply(init_weights)
 
     def reference(self, images: torch.Tensor):
         """Teacher side: reference tokens (B, R, dim) and their prototype logits (B, R, K)."""
@@ -131,10 +137,18 @@ class LocaNet(nn.Module):
         )
 
 
-def ema_teacher(student: "LocaNet", cfg: Config) -> "LocaNet":
-    """The EMA teacher: a frozen copy of the student, in training mode for teacher_mode "train"
-    (as the official trainer applies it with train=True: stochastic depth active), else eval."""
-    return copy.deepcopy(student).requires_grad_(False).train(cfg.teacher_mode == "train")
+def ema_teacher(student: nn.Module, cfg: Config, parts: Optional[Tuple[str, ...]] = None) -> nn.Module:
+    """The EMA teacher: a frozen copy of the student's child modules `parts` (None: all of them;
+    the others are left out, so the teacher's state_dict has the student's keys of those parts),
+    in training mode for teacher_mode "train" (as the official trainer applies it with
+    train=True: stochastic depth active), else eval."""
+    teacher = copy.deepcopy(student)
+    if parts is not None:
+        own = [name for name, _ in student.named_children()]
+        for name in own + [name for name, _ in student.named_parameters(recurse=False)]:
+            if name not in parts:
+                delattr(teacher, name)
+    return teacher.requires_grad_(False).train(cfg.teacher_mode == "train")
 
 
 def _xavier_blocks(linear: nn.Linear, blocks: int, bias_std: float = 0.0) -> None:
@@ -179,7 +193,8 @@ def init_official(net: "LocaNet") -> None:
                 nn.init.zeros_(module.bias)
 
 
-def _init_weights(module: nn.Module) -> None:
+def init_weights(module: nn.Module) -> None:
+    """truncated N(0, 0.02) dense weights, zero biases (`net.apply(init_weights)`)."""
     if isinstance(module, nn.Linear):
         nn.init.trunc_normal_(module.weight, std=0.02)
         if module.bias is not None:

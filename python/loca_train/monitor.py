@@ -78,8 +78,9 @@ class ProgressBar:
             return
         width = 24
         filled = int(width * done / self.total)
+        accuracy = "".join(f"{key} {record[key]:.3f} " for key in ACCURACIES[::2] if key in record)
         line = (f"[{'#' * filled}{'.' * (width - filled)}] {done}/{self.total} "
-                f"loss {record['loss']:.3f} loc_acc {record['loc_acc']:.3f} "
+                f"loss {record['loss']:.3f} {accuracy}"
                 f"{record['images_per_s']:.0f} img/s eta {'--:--' if eta is None else format_duration(eta)}")
         sys.stderr.write(("\r" + line + ("\n" if done == self.total else "")) if self.tty else line + "\n")
         sys.stderr.flush()
@@ -118,6 +119,11 @@ class KernelTimer(TorchDispatchMode):
         return self._cpu_seconds + sum(s.elapsed_time(e) for s, e in self._events) * 1e-3
 
 
+# Accuracy metrics an objective may log (loca: the first two, gtsa: the last); the progress line
+# shows loc_acc and rotation_acc.
+ACCURACIES = ("loc_acc", "loc_acc_visible", "rotation_acc")
+
+
 def summary(records: list, first_loss: Optional[float]) -> dict:
     """Averages over the steps of this session (the last record's values for the rest)."""
     if not records:
@@ -129,8 +135,7 @@ def summary(records: list, first_loss: Optional[float]) -> dict:
         "steps": last["step"] + 1,
         "first_loss": first_loss,
         "final_loss": last["loss"],
-        "final_loc_acc": last["loc_acc"],
-        "final_loc_acc_visible": last["loc_acc_visible"],
+        **{f"final_{key}": last[key] for key in ACCURACIES if key in last},
         "mean_images_per_s": mean("images_per_s"),
         "mean_time_data": mean("time_data"),
         "mean_time_forward_backward": mean("time_forward_backward"),

@@ -1,5 +1,6 @@
-"""`python -m loca_train.plot RUN_DIR [--output F]`: curves.png, the losses, the localisation
-accuracy and the dense-feature metrics (--eval-every) of a run's log.jsonl against the step.
+"""`python -m loca_train.plot RUN_DIR [--output F]`: curves.png, the losses, the accuracies the
+objective logs (LOCA's localisation, GTSA's quarter turn) and the dense-feature metrics
+(--eval-every) of a run's log.jsonl against the step.
 
 Needs matplotlib (not a dependency of training): `pip install matplotlib`.
 """
@@ -11,6 +12,7 @@ from pathlib import Path
 
 from .config import Parser, UsageError, usage_error
 from .evaluate import HEADLINE
+from .monitor import ACCURACIES
 
 LOG_NAME, FIGURE_NAME = "log.jsonl", "curves.png"
 
@@ -41,8 +43,10 @@ def plot(records: list, output: Path) -> None:
     plt = _pyplot()
     evals = [key for key in (f"eval_{name}" for name in HEADLINE if name != "prompt_threshold")
              if any(key in r for r in records)]
-    panels = [("loss", sorted(key for key in records[-1] if key == "loss" or key.startswith("loss_"))),
-              ("localisation accuracy", [key for key in ("loc_acc", "loc_acc_visible") if key in records[-1]])]
+    panels = [("loss", sorted(key for key in records[-1] if key == "loss" or key.startswith("loss_")))]
+    accuracies = [key for key in ACCURACIES if key in records[-1]]
+    if accuracies:
+        panels.append(("accuracy", accuracies))
     if evals:
         panels.append(("dense-feature metrics (teacher)", evals))
     figure, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.8), squeeze=False)

@@ -14,15 +14,13 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from loca_kernels.losses import LocaLoss
-
 from . import checkpoint
 from .batches import batch_loader
 from .config import Config, UsageError
 from .images import ImageFolder, open_images
-from .model import LocaNet, ema_teacher
+from .model import ema_teacher
 from .monitor import KernelTimer, ProgressBar, StepLog, format_duration, kernels_in_words, summary, versions
-from .objective import loca_forward
+from .objectives import objective_of
 from .schedules import lr_factor, teacher_momentum, update_teacher
 
 # Fields of a step record that measure time: they differ between runs, nothing else may.
@@ -122,7 +120,9 @@ def _gather(value, world_size: int) -> list:
 
 
 def output_dir(cfg: Config) -> Path:
-    return Path(cfg.output_dir or os.path.join("runs", cfg.preset))
+    """cfg.output_dir, else runs/<preset> (LOCA) or runs/<preset>-<objective>."""
+    default = cfg.preset if cfg.objective == "loca" else f"{cfg.preset}-{cfg.objective}"
+    return Path(cfg.output_dir or os.path.join("runs", default))
 
 
 def _banner(cfg: Config, world_size: int, device: torch.device, images, out: Path, start_step: int) -> str:
@@ -131,7 +131,7 @@ def _banner(cfg: Config, world_size: int, device: torch.device, images, out: Pat
     else:
         data = f"{len(images)} procedural images (built in, {cfg.source_size} px)"
     run = f"resuming at step {start_step} of {cfg.steps}" if start_step else f"{cfg.steps} steps"
-    return (f"loca_train: preset {cfg.preset}, {run}\n"
+    return (f"loca_train: {cfg.objective}, preset {cfg.preset}, {run}\n"
             f"  processes  {world_size} on {device}"
             f"{', bf16 autocast' if device.type == 'cuda' and cfg.amp else ''}\n"
             f"  kernels    {kernels_in_words(device, cfg.backend)}\n"
@@ -153,13 +153,13 @@ def train(cfg: Config) -> dict:
         if cfg.overwrite:   # an interrupted new run must not leave the old run's checkpoint
             for name in (checkpoint.CHECKPOINT_NAME, "summary.json"):
                 (out / name).unlink(missing_ok=True)
-    torch.manual_seed(cfg.seed)                     # the same initial model on every rank
-    student = LocaNet(cfg).to(device)
-    teacher = ema_teacher(student, cfg)
+    objective = objective_of(cfg)
+    torch.manual_seed(cfg.seed)                     # the same initial model (and queues) on every rank
+    student = objective.build_student(cfg).to(device)
+    teacher = ema_teacher(student, cfg, objective.teacher_parts)
     optimizer = _optimizer(student, cfg, world_size)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(cfg, step))
-    loss_fn = LocaLoss(student_temperature=cfg.student_temperature, group=group,
-                       mean_entropy_over=cfg.mean_entropy_over)
+    criterion = objective.make_criterion(cfg, group, world_size).to(device)
     torch.manual_seed(cfg.seed + 1 + rank)          # each rank its own stochastic-depth draws
 
     start_step, skipped = 0, set()                  # skipped: files of images that could not be decoded
@@ -168,10 +168,14 @@ def train(cfg: Config) -> dict:
         if state["world_size"] != world_size:
             raise UsageError(f"the checkpoint in {out} was written by {state['world_size']} processes, "
                              f"this run has {world_size}; the data order would differ")
+        written_by = state["config"].get("objective", "loca")
+        if written_by != cfg.objective:
+            raise UsageError(f"--objective {cfg.objective}: the checkpoint in {out} is a {written_by} run")
         student.load_state_dict(state["student"])
         teacher.load_state_dict(state["teacher"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
+        criterion.load_state_dict(state.get("criterion", {}))   # LOCA checkpoints of before: no state
         checkpoint.set_rng_state(state["rng"][rank])
         start_step, skipped = state["step"], set(state.get("skipped_images", ()))
     # The settings as they took effect: where the output went, the device, the real image count.
@@ -186,10 +190,10 @@ def train(cfg: Config) -> dict:
     if world_size > 1:
         forward_model = torch.nn.parallel.DistributedDataParallel(
             student, device_ids=[device.index] if device.type == "cuda" else None)
-    teacher_reference = teacher.reference
+    teacher_fn = getattr(teacher, objective.teacher_method)
     if cfg.compile:
         forward_model = torch.compile(forward_model)
-        teacher_reference = torch.compile(teacher_reference)
+        teacher_fn = torch.compile(teacher_fn)
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" and cfg.amp
                 else nullcontext())
 
@@ -200,7 +204,8 @@ def train(cfg: Config) -> dict:
         rng, skipped_images = _gather(checkpoint.rng_state(), world_size), all_skipped()
         if rank == 0:
             checkpoint.save(out / checkpoint.CHECKPOINT_NAME, student=student.state_dict(),
-                            teacher=teacher.state_dict(), optimizer=optimizer.state_dict(),
+                            teacher=teacher.state_dict(), criterion=criterion.state_dict(),
+                            optimizer=optimizer.state_dict(),
                             scheduler=scheduler.state_dict(), rng=rng, step=next_step,
                             world_size=world_size, config=resolved, skipped_images=skipped_images)
 
@@ -235,7 +240,7 @@ def train(cfg: Config) -> dict:
             student.train()
             with timer:
                 with autocast:
-                    loss, metrics = loca_forward(forward_model, teacher_reference, loss_fn, batch, cfg, group)
+                    loss, metrics = objective.forward(forward_model, teacher_fn, criterion, batch, cfg, step, group)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 grad_norm = torch.nn.utils.clip_grad_norm_(

@@ -167,3 +167,10 @@ def make_views(images: torch.Tensor, boxes: torch.Tensor, size: int, flips, jitt
     if solarized is not None:
         views = solarize(views, solarized.reshape(-1))
     return normalize(views)
+
+
+def rotate_views(views: torch.Tensor, turns: torch.Tensor) -> torch.Tensor:
+    """Each square view of (N, C, s, s) turned by torch.rot90(view, k, dims=(-2, -1)) with its
+    own k = turns (N,) int64 in 0..3 (the view_rot90 of crop_features)."""
+    turned = torch.stack([torch.rot90(views, k, dims=(-2, -1)) for k in range(4)])       # (4, N, C, s, s)
+    return turned.gather(0, turns.view(1, -1, 1, 1, 1).expand(1, *views.shape))[0]

@@ -1,4 +1,4 @@
-"""One LOCA forward pass: views from a batch, teacher targets, student predictions, the loss.
+"""LOCA (Caron et al. 2022): views from a batch, teacher targets, student predictions, the loss.
 
 Library calls: relative_position_targets (which reference patch each query patch lies on),
 masked_cross_attention (inside the student's CrossAttentionBlock, one visible run of
@@ -7,16 +7,68 @@ reference patches), gather_at_targets and LocaLoss (the three loss terms).
 """
 from __future__ import annotations
 
-from typing import Dict, Tuple
+from typing import Dict, NamedTuple, Tuple
 
 import torch
 
-from loca_kernels import KeepRun, relative_position_targets, sinkhorn
+from loca_kernels import KeepRun, consecutive_keep, random_keep, relative_position_targets, sinkhorn
 from loca_kernels.losses import LocaLoss
+from loca_kernels.targets.geometry import sample_boxes, sample_flips
 
-from .batches import Batch, reference_visible_tokens
-from .config import Config
-from .views import make_views
+from ..config import Config
+from ..model import LocaNet
+from ..sampling import crop_options, sample_jitter, to_device
+from ..views import make_views
+from . import Objective
+
+
+class Batch(NamedTuple):
+    """One process's LOCA batch of one step. V = 1 + num_focal query views, in that order."""
+
+    images: torch.Tensor        # uint8 (B, 3, H, W), each image top-left in the canvas (S x S, or
+                                # the batch's largest height and width at full resolution)
+    ref_boxes: torch.Tensor     # float (B, 4) x0, y0, x1, y1 in source pixels
+    query_boxes: torch.Tensor   # float (B, V, 4)
+    query_flips: torch.Tensor   # bool (B, V)
+    query_kept: torch.Tensor    # int64 (B, query_tokens_kept): tokens of query 0 the encoder sees
+    ref_visible_start: torch.Tensor  # int64 (1,): first visible reference token, shared by the batch
+    jitter: torch.Tensor        # float (1 + V, B, 4): brightness, contrast, saturation, hue shift
+    jitter_order: torch.Tensor  # int64 (1 + V, B, 4) order of the tf-style jitter (-1: none); empty for "fixed"
+    grayscale: torch.Tensor     # bool (1 + V, B); row 0 is the reference view
+    solarized: torch.Tensor     # bool (B,): first query views solarised
+    bad_images: torch.Tensor    # int64 (n,): images that could not be decoded, replaced by others
+
+    to = to_device
+
+
+def reference_visible_tokens(cfg: Config) -> int:
+    """Visible reference tokens: int(fraction * tokens) as in the official code (39 of 196)."""
+    return max(1, int(cfg.reference_visible * (cfg.image_size // cfg.patch_size) ** 2))
+
+
+def sample_batch(cfg: Config, canvas: torch.Tensor, sizes: torch.Tensor, bad_images: torch.Tensor,
+                 g: torch.Generator) -> Batch:
+    """Every random draw of a LOCA step: reference and query boxes, flips, the kept query
+    tokens, the visible reference run, colour jitter, grey and solarisation."""
+    batch, crops = canvas.shape[0], crop_options(cfg, g)
+    ref_boxes = sample_boxes(batch, 1, sizes, cfg.reference_area, **crops)[:, 0]
+    query_boxes = torch.cat([sample_boxes(batch, 1, sizes, cfg.query_area, **crops),
+                             sample_boxes(batch, cfg.num_focal, sizes, cfg.focal_area, **crops)], dim=1)
+    num_views = 1 + cfg.num_focal
+    query_tokens = (cfg.image_size // cfg.patch_size) ** 2
+    return Batch(
+        images=canvas,
+        ref_boxes=ref_boxes,
+        query_boxes=query_boxes,
+        query_flips=sample_flips(batch, num_views, generator=g),
+        query_kept=random_keep(batch, query_tokens, cfg.query_tokens_kept, generator=g),
+        ref_visible_start=consecutive_keep(1, query_tokens, reference_visible_tokens(cfg),
+                                           generator=g, as_run=True).start,
+        **sample_jitter(1 + num_views, batch, cfg, g),
+        grayscale=torch.rand(1 + num_views, batch, generator=g) < cfg.grayscale,
+        solarized=torch.rand(batch, generator=g) < cfg.solarize,
+        bad_images=bad_images,
+    )
 
 
 def _patches_per_image(view_major: torch.Tensor, batch: int) -> torch.Tensor:
@@ -87,3 +139,18 @@ def loca_forward(student, teacher_reference, loss_fn: LocaLoss, batch: Batch, cf
         metrics["loc_acc_visible"] = (correct & seen).sum() / seen.sum().clamp_min(1)
         metrics["valid_patch_fraction"] = valid.float().mean()
     return loss, metrics
+
+
+def make_criterion(cfg: Config, group, world_size: int) -> LocaLoss:
+    return LocaLoss(student_temperature=cfg.student_temperature, group=group,
+                    mean_entropy_over=cfg.mean_entropy_over)
+
+
+def _forward(student, teacher_reference, loss_fn, batch, cfg, step, group):
+    return loca_forward(student, teacher_reference, loss_fn, batch, cfg, group)
+
+
+OBJECTIVE = Objective(
+    name="loca", build_student=LocaNet,
+    teacher_parts=("encoder", "cluster_head", "cross_block", "position_head"),   # the whole network
+    teacher_method="reference", sample_batch=sample_batch, make_criterion=make_criterion, forward=_forward)
