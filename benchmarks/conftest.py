@@ -1,7 +1,11 @@
-"""Shared by every benchmark: device choice, synchronised timing, and extra_info with
-achieved throughput and the fraction of the device's bandwidth floor.
+"""Shared by every benchmark: device choice, the quick or full sizes, synchronised timing, and
+extra_info with achieved throughput and the fraction of the device's bandwidth floor.
 
-Run: pytest benchmarks/ --benchmark-only [--benchmark-json=out.json]
+Run: pytest benchmarks/ --benchmark-only [--full] [--benchmark-json=out.json]
+
+By default every bench file runs at its quick sizes (the whole CPU run in a few minutes); --full
+(or LOCA_BENCH_FULL=1) runs the full sizes: those of the committed results, and of GPU runs.
+Each bench file states both in one place, through `sizes`.
 """
 from __future__ import annotations
 
@@ -19,6 +23,42 @@ MEASURED_BANDWIDTH = {"NVIDIA H100 80GB HBM3": 3.0e12, "NVIDIA H200": 4.3e12}
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 ON_GPU = DEVICE.type == "cuda"
+FULL_ENV = "LOCA_BENCH_FULL"
+_SAVED_FULL_ENV = pytest.StashKey[str | None]()
+
+
+def pytest_addoption(parser):
+    parser.addoption("--full", action="store_true",
+                     help=f"benchmark at the full sizes (committed results, GPU runs) instead of the quick "
+                          f"default ones; the same as {FULL_ENV}=1")
+
+
+def pytest_configure(config):
+    # The bench modules read the sizes when they are collected, after this hook: the option
+    # reaches them through the environment variable, restored when the session ends.
+    config.stash[_SAVED_FULL_ENV] = os.environ.get(FULL_ENV)
+    if config.getoption("full"):
+        os.environ[FULL_ENV] = "1"
+
+
+def pytest_unconfigure(config):
+    if _SAVED_FULL_ENV not in config.stash:
+        return
+    saved = config.stash[_SAVED_FULL_ENV]
+    if saved is None:
+        os.environ.pop(FULL_ENV, None)
+    else:
+        os.environ[FULL_ENV] = saved
+
+
+def full_run() -> bool:
+    """Whether this run benchmarks the full sizes (--full or LOCA_BENCH_FULL=1)."""
+    return os.environ.get(FULL_ENV) == "1"
+
+
+def sizes(*, quick, full):
+    """A bench file's sizes: `full` under --full or LOCA_BENCH_FULL=1, else `quick`."""
+    return full if full_run() else quick
 
 
 def synchronize() -> None:
@@ -88,6 +128,7 @@ def pytest_benchmark_update_machine_info(config, machine_info):
     import loca_kernels
 
     machine_info["device"] = torch.cuda.get_device_name() if ON_GPU else "cpu"
+    machine_info["sizes"] = "full" if full_run() else "quick"
     machine_info["torch"] = torch.__version__
     machine_info["cuda"] = torch.version.cuda
     for package in ("triton", "xformers"):
