@@ -20,7 +20,7 @@ import loca_kernels as lk
 from conftest import DEVICE, ON_GPU, run_benchmark, sizes
 from loca_kernels.targets import geometry
 
-BATCHES = sizes(quick=(8,), full=(64,))
+BATCHES = sizes(quick=(4,), full=(64,))
 OURS = ("triton",) if ON_GPU else ("cpu",)
 PEERS = {
     "eager": "GTSA's loop over the 18 pairs, roi_align written with grid_sample (torchvision does not import "

@@ -27,7 +27,7 @@ from bench_crop import (CHANNELS, GLOBALS, LOCALS, benchmark_step, ours_pooled, 
 from conftest import ON_GPU, sizes
 from loca_kernels.targets import geometry
 
-BATCH = sizes(quick=8, full=64)
+BATCH = sizes(quick=4, full=64)
 MATCHES = {14: 98, 6: 18}      # GTSA's num_matches by the student's map side
 OURS = ("triton",) if ON_GPU else ("cpu",)
 PEERS = {

@@ -3,13 +3,16 @@ extra_info with achieved throughput and the fraction of the device's bandwidth f
 
 Run: pytest benchmarks/ --benchmark-only [--full] [--benchmark-json=out.json]
 
-By default every bench file runs at its quick sizes (the whole CPU run in a few minutes); --full
-(or LOCA_BENCH_FULL=1) runs the full sizes: those of the committed results, and of GPU runs.
-Each bench file states both in one place, through `sizes`.
+By default every bench file runs at its quick sizes, 5 timed rounds per case (the whole CPU run
+in a few minutes); --full (or LOCA_BENCH_FULL=1) runs the full sizes, 20 rounds: those of the
+committed results, and of GPU runs. Each bench file states both sizes in one place, through
+`sizes`. LOCA_BENCH_ROUNDS=n sets the rounds. A run stopped by SIGTERM (`timeout`, `kill`) ends
+as one stopped by Ctrl-C does: with the table of what finished, and the JSON.
 """
 from __future__ import annotations
 
 import os
+import signal
 import sys
 
 import pytest
@@ -25,6 +28,7 @@ DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 ON_GPU = DEVICE.type == "cuda"
 FULL_ENV = "LOCA_BENCH_FULL"
 _SAVED_FULL_ENV = pytest.StashKey[str | None]()
+_SAVED_SIGTERM = pytest.StashKey[object]()
 
 
 def pytest_addoption(parser):
@@ -39,9 +43,14 @@ def pytest_configure(config):
     config.stash[_SAVED_FULL_ENV] = os.environ.get(FULL_ENV)
     if config.getoption("full"):
         os.environ[FULL_ENV] = "1"
+    # SIGTERM would end the run without pytest-benchmark's table or JSON; as KeyboardInterrupt
+    # pytest still prints and writes what finished.
+    config.stash[_SAVED_SIGTERM] = signal.signal(signal.SIGTERM, _interrupt)
 
 
 def pytest_unconfigure(config):
+    if _SAVED_SIGTERM in config.stash:
+        signal.signal(signal.SIGTERM, config.stash[_SAVED_SIGTERM])
     if _SAVED_FULL_ENV not in config.stash:
         return
     saved = config.stash[_SAVED_FULL_ENV]
@@ -49,6 +58,10 @@ def pytest_unconfigure(config):
         os.environ.pop(FULL_ENV, None)
     else:
         os.environ[FULL_ENV] = saved
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def full_run() -> bool:
@@ -77,8 +90,15 @@ def run_benchmark(benchmark, fn, *, bytes_moved: float = 0.0, flops: float = 0.0
         return result
 
     timed()  # warm-up: compilation and autotuning are not timed
-    result = benchmark.pedantic(timed, rounds=int(os.environ.get("LOCA_BENCH_ROUNDS", 20)),
-                                iterations=1, warmup_rounds=2)
+    rounds = int(os.environ.get("LOCA_BENCH_ROUNDS") or sizes(quick=5, full=20))
+    try:
+        result = benchmark.pedantic(timed, rounds=rounds, iterations=1, warmup_rounds=sizes(quick=1, full=2))
+    except KeyboardInterrupt:
+        # Stopped before its first timed round: left out, as pytest-benchmark would fail on the
+        # empty statistics when it prints the table and writes the JSON.
+        if benchmark.stats is None or not benchmark.stats.stats.data:
+            benchmark.has_error = True
+        raise
     median = benchmark.stats.stats.median
     extra = {"device": torch.cuda.get_device_name() if ON_GPU else "cpu", **info}
     if bytes_moved:
