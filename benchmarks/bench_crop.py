@@ -144,8 +144,8 @@ def benchmark_step(benchmark, impl, batch, eager, ours, **info):
         call()
     except (RuntimeError, ValueError) as error:  # a backend this op lacks or cannot run here
         pytest.skip(str(error))
-    run_benchmark(benchmark, call, impl=impl, batch=batch, channels=CHANNELS, pairs=GLOBALS * (GLOBALS + LOCALS - 1),
-                  **info)
+    run_benchmark(benchmark, call, impl=impl, batch=batch, channels=CHANNELS, global_maps=f"{GLOBALS} x 14x14",
+                  local_maps=f"{LOCALS} x 6x6", pairs=GLOBALS * (GLOBALS + LOCALS - 1), **info)
 
 
 @pytest.mark.parametrize("batch", BATCHES)
