@@ -1,11 +1,12 @@
 """benchmarks/report.py (issue 20): BENCHMARKS.md states each group's shape, describes every
 implementation in words, leaves out the bandwidth-floor column where no peak bandwidth is known
 (the CPU), and plots our speed-up over each peer; benchmarks/conftest.py's --full and
-LOCA_BENCH_FULL=1 choose the full sizes."""
+LOCA_BENCH_FULL=1 choose the full sizes, and SIGTERM stops a run as Ctrl-C does."""
 import ast
 import importlib.util
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -114,9 +115,13 @@ def test_sizes_follow_the_option_and_the_environment(monkeypatch):
 
     def session(full: bool):
         config = SimpleNamespace(stash=pytest.Stash(), getoption=lambda name: {"full": full}[name])
+        before = signal.getsignal(signal.SIGTERM)
         conftest.pytest_configure(config)
         inside = conftest.sizes(quick="q", full="f")
+        with pytest.raises(KeyboardInterrupt):     # SIGTERM stops a run as Ctrl-C does: table and JSON
+            signal.getsignal(signal.SIGTERM)(signal.SIGTERM, None)
         conftest.pytest_unconfigure(config)
+        assert signal.getsignal(signal.SIGTERM) == before
         return inside
 
     assert session(full=True) == "f" and "LOCA_BENCH_FULL" not in os.environ   # restored after the session
