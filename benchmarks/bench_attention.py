@@ -1,25 +1,34 @@
 """masked_cross_attention at LOCA shapes against what users would pick instead.
 
-Reference batch Bk, V = 10 query views of 36 tokens sharing each reference, Nk = 196 reference
-tokens of which 39 are visible (a consecutive run, or a random subset), D = 64. On a GPU:
-Bk in {32, 128, 256}, H = 12, bf16; on the CPU: Bk = 4, H = 6, fp32.
-Peers: eager PyTorch (K/V repeated per view, masked softmax), SDPA with a boolean mask,
-gather-then-SDPA, FlexAttention with a compiled block mask and xformers with a tensor bias
-(GPU only: both take minutes to compile or have no CPU kernel).
+Each of Bk reference images is attended by V = 10 query views of Nq = 36 tokens; of its Nk = 196
+tokens 39 are visible (a consecutive run, or a random subset); head dim D = 64. Forward, and
+forward + backward into q, k and v. On a GPU H = 12 heads in bf16, on the CPU H = 6 in fp32.
 """
 import pytest
 import torch
 import torch.nn.functional as F
 
 import loca_kernels as lk
-from conftest import DEVICE, ON_GPU, run_benchmark
+from conftest import DEVICE, ON_GPU, run_benchmark, sizes
 
 VIEWS, NQ, NK, VISIBLE, D = 10, 36, 196, 39, 64
-BATCHES = (32, 128, 256) if ON_GPU else (4,)
+BATCHES = sizes(quick=(2,), full=(32, 128, 256) if ON_GPU else (4,))
 HEADS = 12 if ON_GPU else 6
 DTYPE = torch.bfloat16 if ON_GPU else torch.float32
 OURS = ("cuda", "triton") if ON_GPU else ("cpu",)
-PEERS = ("eager", "sdpa_mask", "gather_sdpa") + (("flex", "xformers") if ON_GPU else ())
+PEERS = {
+    "eager": "plain PyTorch: K and V repeated for each query view, scores by einsum, the hidden keys "
+             "masked_fill'ed with -inf, softmax, einsum",
+    "sdpa_mask": "F.scaled_dot_product_attention on the repeated K and V with a boolean attn_mask of the "
+                 "visible keys (on a GPU the mask rules out the flash kernel: memory-efficient or cuDNN)",
+    "gather_sdpa": "the visible keys and values gathered per query row, then F.scaled_dot_product_attention "
+                   "without a mask",
+    "flex": "FlexAttention (torch.compile'd) with a block mask of the visible keys; GPU only (compiling "
+            "takes minutes on a CPU)",
+    "xformers": "xformers memory_efficient_attention with a -inf tensor bias on the hidden keys; GPU only "
+                "(no CPU kernel)",
+}
+GPU_ONLY = ("flex", "xformers")
 
 
 def eager(q, k, v, mask, scale):
@@ -100,7 +109,7 @@ def flops(q, visible, backward):
 @pytest.mark.parametrize("direction", ["forward", "forward_backward"])
 @pytest.mark.parametrize("pattern", ["run", "random"])
 @pytest.mark.parametrize("bk", BATCHES)
-@pytest.mark.parametrize("impl", OURS + PEERS)
+@pytest.mark.parametrize("impl", OURS + tuple(p for p in PEERS if ON_GPU or p not in GPU_ONLY))
 def test_attention(benchmark, impl, bk, pattern, direction):
     benchmark.group = f"attention Bk={bk} {pattern} {direction}"
     q, k, v, keep = inputs(bk, pattern)

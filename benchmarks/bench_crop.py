@@ -11,21 +11,23 @@ ours: four crop_features calls (one out size per call; padding out sizes would w
   views (R = 8, 4 x 4); student global maps (2B, C, 14, 14) over the other global (R = 1,
   10 x 10); student local maps (8B, C, 6, 6) over both globals (R = 2, 4 x 4). Forward of all
   four, backward of the student ones.
-eager: GTSA's loop over the 18 pairs, roi_align written with grid_sample (torchvision does not
-  import beside the CPU torch build here): 2 x 2 bilinear samples per bin (GTSA's adaptive
-  count for these boxes is 1 to 2 per axis), zero padding, then torch.rot90 per group of equal
-  turn offsets. Same outputs up to roi_align's border rule and sample count.
 """
 import pytest
 import torch
 import torch.nn.functional as F
 
 import loca_kernels as lk
-from conftest import DEVICE, ON_GPU, run_benchmark
+from conftest import DEVICE, ON_GPU, run_benchmark, sizes
 from loca_kernels.targets import geometry
 
-BATCHES = (64,)
-IMPLS = ("eager", "triton") if ON_GPU else ("eager", "cpu")
+BATCHES = sizes(quick=(4,), full=(64,))
+OURS = ("triton",) if ON_GPU else ("cpu",)
+PEERS = {
+    "eager": "GTSA's loop over the 18 pairs, roi_align written with grid_sample (torchvision does not import "
+             "beside the CPU torch build here): 2 x 2 bilinear samples per bin (GTSA's adaptive count for these "
+             "boxes is 1 to 2 per axis), zero padding, then torch.rot90 per group of equal turn offsets. Same "
+             "outputs as ours up to roi_align's border rule and sample count",
+}
 CHANNELS, GLOBALS, LOCALS, IMAGE = 768, 2, 8, 224
 
 
@@ -142,12 +144,12 @@ def benchmark_step(benchmark, impl, batch, eager, ours, **info):
         call()
     except (RuntimeError, ValueError) as error:  # a backend this op lacks or cannot run here
         pytest.skip(str(error))
-    run_benchmark(benchmark, call, impl=impl, batch=batch, channels=CHANNELS, pairs=GLOBALS * (GLOBALS + LOCALS - 1),
-                  **info)
+    run_benchmark(benchmark, call, impl=impl, batch=batch, channels=CHANNELS, global_maps=f"{GLOBALS} x 14x14",
+                  local_maps=f"{LOCALS} x 6x6", pairs=GLOBALS * (GLOBALS + LOCALS - 1), **info)
 
 
 @pytest.mark.parametrize("batch", BATCHES)
-@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("impl", tuple(PEERS) + OURS)
 def test_crop_features_gtsa_step(benchmark, impl, batch):
     benchmark.group = f"crop_features GTSA step B={batch} C={CHANNELS}"
     maps = batch * CHANNELS * (GLOBALS * 14 * 14 * 2 + LOCALS * 6 * 6)

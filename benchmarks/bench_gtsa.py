@@ -12,9 +12,6 @@ turn. For each of the 18 (teacher global t, student view v != t) pairs it
     term).
 Teacher maps are detached; the backward runs into the student maps.
 
-eager: that loop, roi_align written with grid_sample (bench_crop.roi_align_grid_sample;
-  torchvision does not import beside the CPU torch build, and the JSON says which peer ran),
-  the nearest-neighbour selection transcribed from GTSA's neirest_neighbores.
 ours: 4 crop_features calls for every crop term (bench_crop.ours_pooled: one out size per call,
   every map pooled in the source orientation, so nothing is turned) and PatchCorrespondenceLoss
   per teacher-student shape: one call for the 2 global pairs (concatenated along B) and one per
@@ -27,17 +24,23 @@ import torch.nn.functional as F
 import loca_kernels as lk
 from bench_crop import (CHANNELS, GLOBALS, LOCALS, benchmark_step, ours_pooled, pixel_box, roi_align_grid_sample,
                         rotate_by)
-from conftest import ON_GPU
+from conftest import ON_GPU, sizes
 from loca_kernels.targets import geometry
 
-BATCH = 64
+BATCH = sizes(quick=4, full=64)
 MATCHES = {14: 98, 6: 18}      # GTSA's num_matches by the student's map side
-IMPLS = ("eager", "triton") if ON_GPU else ("eager", "cpu")
+OURS = ("triton",) if ON_GPU else ("cpu",)
+PEERS = {
+    "eager": "GTSA's loop over the 18 pairs as written: roi_align (torchvision's where it imports, else "
+             "bench_crop's grid_sample version; the JSON's `peer` says which ran) and rot90 for the crop term, "
+             "the nearest-neighbour selection transcribed from GTSA's neirest_neighbores for the "
+             "correspondence term",
+}
 try:
     from torchvision.ops import roi_align
-    PEER = "torchvision.ops.roi_align"
+    ROI_ALIGN = "torchvision.ops.roi_align"
 except Exception:  # noqa: BLE001  (an import error or torchvision's missing operators)
-    roi_align, PEER = None, "roi_align via grid_sample (2 x 2 samples per bin)"
+    roi_align, ROI_ALIGN = None, "roi_align via grid_sample (2 x 2 samples per bin)"
 
 
 def eager_roi_align(maps, boxes, size):
@@ -105,7 +108,7 @@ def ours_step(teacher, students, boxes, turns, backend):
     return crop / pairs + correspondence / pairs
 
 
-@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("impl", tuple(PEERS) + OURS)
 def test_gtsa_step(benchmark, impl):
     benchmark.group = f"GTSA step pair work B={BATCH} C={CHANNELS} (18 pairs)"
-    benchmark_step(benchmark, impl, BATCH, eager_step, ours_step, peer=PEER)
+    benchmark_step(benchmark, impl, BATCH, eager_step, ours_step, peer=ROI_ALIGN)

@@ -1,23 +1,25 @@
-"""patch_matching, forward + backward of the similarity, against what users write instead:
-F.normalize + torch.bmm + max (the (B, Na, Nb) similarity tensor in memory).
+"""patch_matching, forward + backward of the similarity, against what users write instead.
 
 Shapes: DenseCL matches the backbone's C5 features of two views (ResNet-50: 2048 channels on a
 7 x 7 grid, 32 images per GPU); GTSA matches the 196 patch features of a ViT-S/16 student and
-teacher (384 channels, 64 images per GPU). On a GPU: those batches in bf16; on the CPU: 8
-images in fp32.
+teacher (384 channels, 64 images per GPU). On a GPU in bf16, on the CPU in fp32.
 """
 import pytest
 import torch
 import torch.nn.functional as F
 
 import loca_kernels as lk
-from conftest import DEVICE, ON_GPU, run_benchmark
+from conftest import DEVICE, ON_GPU, run_benchmark, sizes
 
-# name: (B on a GPU, Na, Nb, C)
+# name: (B, Na, Nb, C); B of one GPU with --full on a GPU
 SHAPES = {"densecl": (32, 49, 49, 2048), "gtsa": (64, 196, 196, 384)}
-CPU_BATCH = 8
+BATCH = sizes(quick=4, full=None if ON_GPU else 8)       # None: each shape's own B
 DTYPE = torch.bfloat16 if ON_GPU else torch.float32
-IMPLS = ("triton", "torch", "eager") if ON_GPU else ("cpu", "torch", "eager")
+OURS = ("triton",) if ON_GPU else ("cpu",)
+PEERS = {
+    "torch": "loca_kernels' torch backend: the op in plain PyTorch (the tests' reference)",
+    "eager": "F.normalize of both sides, torch.bmm into the (B, Na, Nb) similarity tensor, max over Nb",
+}
 
 
 def eager(a, b):
@@ -27,10 +29,10 @@ def eager(a, b):
 
 
 @pytest.mark.parametrize("shape", SHAPES)
-@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("impl", OURS + tuple(PEERS))
 def test_matching(benchmark, impl, shape):
     batch, na, nb, c = SHAPES[shape]
-    batch = batch if ON_GPU else CPU_BATCH
+    batch = BATCH or batch
     benchmark.group = f"matching {shape} B={batch} Na={na} Nb={nb} C={c}"
     g = torch.Generator().manual_seed(0)
     a = torch.randn(batch, na, c, generator=g).to(DEVICE, DTYPE).requires_grad_()

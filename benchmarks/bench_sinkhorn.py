@@ -1,16 +1,21 @@
-"""sinkhorn against the eager formulas as LOCA and SwAV write them, N = B x 196 patches,
-K = 4096 prototypes. Records time, GB/s for the pass count, and peak memory (device memory on a
-GPU, resident set on a CPU)."""
+"""sinkhorn against the eager formulas as LOCA and SwAV write them: scores of N = B x 196 patches
+against K = 4096 prototypes, 3 iterations, fp32 and bf16 scores. Records time, GB/s for the pass
+count, and peak memory (device memory on a GPU, resident set on a CPU)."""
 import pytest
 import torch
 
 import loca_kernels as lk
-from conftest import DEVICE, ON_GPU, measure_peak_memory, run_benchmark
+from conftest import DEVICE, ON_GPU, measure_peak_memory, run_benchmark, sizes
 
 K = 4096
-SIZES = (64 * 196, 256 * 196)
+SIZES = sizes(quick=(16 * 196,), full=(64 * 196, 256 * 196))
 OURS = ("cuda", "triton") if ON_GPU else ("cpu",)
 ITERATIONS, EPSILON = 3, 0.05
+PEERS = {
+    "eager": "the eager formulas as the papers' code writes them, epsilon = 0.05: LOCA's (softmax of "
+             "scores / epsilon, then columns and rows normalised in turn) for mode loca, SwAV's (exp, the "
+             "total normalised to 1, then rows and columns) for mode swav",
+}
 
 
 @torch.no_grad()
@@ -39,7 +44,7 @@ def eager_swav(scores):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("n", SIZES)
 @pytest.mark.parametrize("mode", ["loca", "swav"])
-@pytest.mark.parametrize("impl", OURS + ("eager",))
+@pytest.mark.parametrize("impl", OURS + tuple(PEERS))
 def test_sinkhorn(benchmark, impl, mode, n, dtype):
     benchmark.group = f"sinkhorn {mode} N={n} {str(dtype)[6:]}"
     scores = (torch.randn(n, K, generator=torch.Generator().manual_seed(0)) * 0.1).to(DEVICE, dtype)

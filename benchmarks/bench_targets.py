@@ -1,15 +1,19 @@
 """relative_position_targets: our kernels against the eager PyTorch reference, on the LOCA
 grids against a 14x14 reference: the 9 focal views (6x6) and the large query (14x14), the two
-calls of one training step (10 query views)."""
+calls of one training step (10 query views), for a batch of B images."""
 import pytest
 import torch
 
 import loca_kernels as lk
-from conftest import DEVICE, ON_GPU, run_benchmark
+from conftest import DEVICE, ON_GPU, run_benchmark, sizes
 from loca_kernels.targets import geometry
 
-BATCHES = (64, 256, 1024) if ON_GPU else (64, 256)
-IMPLS = ("torch", "cuda", "triton") if ON_GPU else ("torch", "cpu")
+BATCHES = sizes(quick=(64, 256), full=(64, 256, 1024) if ON_GPU else (64, 256))
+OURS = ("cuda", "triton") if ON_GPU else ("cpu",)
+PEERS = {
+    "torch": "loca_kernels' torch backend: the op in plain PyTorch (the tests' reference), what a user "
+             "would write",
+}
 # name: (views, query grid, query area range) of the official ImageNet recipe
 VIEW_SETS = {"focal": (9, (6, 6), (0.05, 0.32)), "large": (1, (14, 14), (0.32, 1.0))}
 
@@ -24,7 +28,7 @@ def views(batch, num_views, area_range):
 
 @pytest.mark.parametrize("batch", BATCHES)
 @pytest.mark.parametrize("view_set", VIEW_SETS)
-@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("impl", tuple(PEERS) + OURS)
 def test_targets(benchmark, impl, view_set, batch):
     num_views, grid, area_range = VIEW_SETS[view_set]
     benchmark.group = f"targets {view_set} B={batch}"

@@ -1,11 +1,18 @@
-"""Shared by every benchmark: device choice, synchronised timing, and extra_info with
-achieved throughput and the fraction of the device's bandwidth floor.
+"""Shared by every benchmark: device choice, the quick or full sizes, synchronised timing, and
+extra_info with achieved throughput and the fraction of the device's bandwidth floor.
 
-Run: pytest benchmarks/ --benchmark-only [--benchmark-json=out.json]
+Run: pytest benchmarks/ --benchmark-only [--full] [--benchmark-json=out.json]
+
+By default every bench file runs at its quick sizes, 5 timed rounds per case (the whole CPU run
+in a few minutes); --full (or LOCA_BENCH_FULL=1) runs the full sizes, 20 rounds: those of the
+committed results, and of GPU runs. Each bench file states both sizes in one place, through
+`sizes`. LOCA_BENCH_ROUNDS=n sets the rounds. A run stopped by SIGTERM (`timeout`, `kill`) ends
+as one stopped by Ctrl-C does: with the table of what finished, and the JSON.
 """
 from __future__ import annotations
 
 import os
+import signal
 import sys
 
 import pytest
@@ -19,6 +26,52 @@ MEASURED_BANDWIDTH = {"NVIDIA H100 80GB HBM3": 3.0e12, "NVIDIA H200": 4.3e12}
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 ON_GPU = DEVICE.type == "cuda"
+FULL_ENV = "LOCA_BENCH_FULL"
+_SAVED_FULL_ENV = pytest.StashKey[str | None]()
+_SAVED_SIGTERM = pytest.StashKey[object]()
+
+
+def pytest_addoption(parser):
+    parser.addoption("--full", action="store_true",
+                     help=f"benchmark at the full sizes (committed results, GPU runs) instead of the quick "
+                          f"default ones; the same as {FULL_ENV}=1")
+
+
+def pytest_configure(config):
+    # The bench modules read the sizes when they are collected, after this hook: the option
+    # reaches them through the environment variable, restored when the session ends.
+    config.stash[_SAVED_FULL_ENV] = os.environ.get(FULL_ENV)
+    if config.getoption("full"):
+        os.environ[FULL_ENV] = "1"
+    # SIGTERM would end the run without pytest-benchmark's table or JSON; as KeyboardInterrupt
+    # pytest still prints and writes what finished.
+    config.stash[_SAVED_SIGTERM] = signal.signal(signal.SIGTERM, _interrupt)
+
+
+def pytest_unconfigure(config):
+    if _SAVED_SIGTERM in config.stash:
+        signal.signal(signal.SIGTERM, config.stash[_SAVED_SIGTERM])
+    if _SAVED_FULL_ENV not in config.stash:
+        return
+    saved = config.stash[_SAVED_FULL_ENV]
+    if saved is None:
+        os.environ.pop(FULL_ENV, None)
+    else:
+        os.environ[FULL_ENV] = saved
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def full_run() -> bool:
+    """Whether this run benchmarks the full sizes (--full or LOCA_BENCH_FULL=1)."""
+    return os.environ.get(FULL_ENV) == "1"
+
+
+def sizes(*, quick, full):
+    """A bench file's sizes: `full` under --full or LOCA_BENCH_FULL=1, else `quick`."""
+    return full if full_run() else quick
 
 
 def synchronize() -> None:
@@ -37,8 +90,15 @@ def run_benchmark(benchmark, fn, *, bytes_moved: float = 0.0, flops: float = 0.0
         return result
 
     timed()  # warm-up: compilation and autotuning are not timed
-    result = benchmark.pedantic(timed, rounds=int(os.environ.get("LOCA_BENCH_ROUNDS", 20)),
-                                iterations=1, warmup_rounds=2)
+    rounds = int(os.environ.get("LOCA_BENCH_ROUNDS") or sizes(quick=5, full=20))
+    try:
+        result = benchmark.pedantic(timed, rounds=rounds, iterations=1, warmup_rounds=sizes(quick=1, full=2))
+    except KeyboardInterrupt:
+        # Stopped before its first timed round: left out, as pytest-benchmark would fail on the
+        # empty statistics when it prints the table and writes the JSON.
+        if benchmark.stats is None or not benchmark.stats.stats.data:
+            benchmark.has_error = True
+        raise
     median = benchmark.stats.stats.median
     extra = {"device": torch.cuda.get_device_name() if ON_GPU else "cpu", **info}
     if bytes_moved:
@@ -88,6 +148,7 @@ def pytest_benchmark_update_machine_info(config, machine_info):
     import loca_kernels
 
     machine_info["device"] = torch.cuda.get_device_name() if ON_GPU else "cpu"
+    machine_info["sizes"] = "full" if full_run() else "quick"
     machine_info["torch"] = torch.__version__
     machine_info["cuda"] = torch.version.cuda
     for package in ("triton", "xformers"):
