@@ -19,6 +19,7 @@ from loca_train.config import parse_args
 from loca_train.images import ImageFolder
 from loca_train.model import LocaNet, ema_teacher
 from loca_train.objectives.loca import loca_forward
+from test_train import losses_on_a_fixed_batch
 from loca_train.views import crop_views, hsv_to_rgb, make_views, rgb_to_hsv, solarize, tf_color_jitter
 
 # The official recipe at micro scale: the presets' choices, small shapes.
@@ -279,19 +280,8 @@ def test_official_recipe_learns_on_a_fixed_batch():
                             generator=torch.Generator().manual_seed(i)) for i in range(8)]
     batch = StepBatches(images, cfg)[0]
     assert batch.solarized.any() and (batch.jitter_order >= 0).any()
-    torch.manual_seed(0)
-    student = LocaNet(cfg)
-    teacher = ema_teacher(student, cfg)
-    optimizer = torch.optim.AdamW(student.parameters(), lr=3e-3)
-    loss_fn = LocaLoss(student_temperature=cfg.student_temperature)
-    losses = []
-    for _ in range(8):
-        loss, _ = loca_forward(student, teacher.reference, loss_fn, batch, cfg)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
-    assert all(math.isfinite(value) for value in losses) and losses[-1] < losses[0], losses
+    losses = losses_on_a_fixed_batch(cfg, batch, 8)
+    assert losses[-1] < losses[0], losses
 
 
 @pytest.mark.parametrize("argv, rule, sizes", [
@@ -299,7 +289,7 @@ def test_official_recipe_learns_on_a_fixed_batch():
     (["--preset", "vit_b16", "--label-rule", "centre"], "centre", [None, None]),
 ])
 def test_label_rule_flag_reaches_the_op(argv, rule, sizes, monkeypatch):
-    import loca_train.objective as objective
+    import loca_train.objectives.loca as objective
 
     chosen = parse_args(argv)
     cfg = preset(chosen.preset, **dict(MICRO, batch_size=2, crop_sampler=chosen.crop_sampler,

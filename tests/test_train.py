@@ -1,6 +1,5 @@
 """The LOCA pretraining application (python/loca_train): it learns, resumes exactly, runs on
 two processes, and its main job (`python -m loca_train`) finishes on a CPU machine."""
-import copy
 import json
 import os
 import signal
@@ -16,7 +15,7 @@ from loca_kernels.losses import LocaLoss
 from loca_train import preset
 from loca_train.batches import StepBatches
 from loca_train.images import ProceduralImages
-from loca_train.model import LocaNet
+from loca_train.model import LocaNet, ema_teacher
 from loca_train.objectives.loca import loca_forward
 from loca_train.train import TIMING_FIELDS
 
@@ -51,16 +50,16 @@ def _without_timing(records):
     return [{k: v for k, v in r.items() if k not in TIMING_FIELDS} for r in records]
 
 
-def test_few_steps_lower_the_loss_on_a_fixed_batch():
-    cfg = preset("tiny", **MICRO)
-    batch = StepBatches(ProceduralImages(cfg.num_images, cfg.source_size), cfg)[0]
+def losses_on_a_fixed_batch(cfg, batch, steps):
+    """The LOCA losses of `steps` AdamW steps on one batch (the teacher fixed at the student's
+    initialisation), checking each loss and accuracy."""
     torch.manual_seed(0)
     student = LocaNet(cfg)
-    teacher = copy.deepcopy(student).requires_grad_(False).eval()
+    teacher = ema_teacher(student, cfg)
     optimizer = torch.optim.AdamW(student.parameters(), lr=3e-3)
     loss_fn = LocaLoss(student_temperature=cfg.student_temperature)
     losses = []
-    for _ in range(12):
+    for _ in range(steps):
         loss, metrics = loca_forward(student, teacher.reference, loss_fn, batch, cfg)
         optimizer.zero_grad()
         loss.backward()
@@ -68,6 +67,13 @@ def test_few_steps_lower_the_loss_on_a_fixed_batch():
         losses.append(loss.item())
         assert torch.isfinite(loss)
         assert 0 <= metrics["loc_acc"] <= 1
+    return losses
+
+
+def test_few_steps_lower_the_loss_on_a_fixed_batch():
+    cfg = preset("tiny", **MICRO)
+    batch = StepBatches(ProceduralImages(cfg.num_images, cfg.source_size), cfg)[0]
+    losses = losses_on_a_fixed_batch(cfg, batch, 12)
     assert losses[-1] < losses[0] - 0.3, losses
 
 
