@@ -54,6 +54,8 @@ TORCH_LIBRARY(loca_kernels, m) {
   // normalize_rows, else exp(x[i, j]). Returns (result, shift): result is p (N, K) when write
   // (shift 0), else the column sums sum_i p[i, j] * exp(-shift) (K,), where shift (a 0-dim
   // tensor) is 0 for normalised rows and max_ij x[i, j] otherwise, which keeps them finite.
+  // A row with a NaN or infinite x (a non-finite score, or a NaN col_scale) gives NaN in all of
+  // its p and in every column sum, except in an unnormalised write: p = exp(x) entrywise there.
   m.def("sinkhorn_pass(Tensor scores, Tensor col_scale, float inv_epsilon, bool normalize_rows, bool write) "
         "-> (Tensor, Tensor)");
 

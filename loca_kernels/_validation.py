@@ -26,6 +26,19 @@ def check_tensor(op: str, name: str, x, *, ndim: Optional[int] = None, layout: s
         raise TypeError(f"{op}: {name} must have dtype in ({expected}), got {x.dtype}")
 
 
+def check_features(op: str, name: str, x, leading: str, width: int, width_name: str = "dim") -> None:
+    """Check that `x` is a floating-point tensor (leading..., width), on shapes only (no device
+    synchronisation). `leading` names the dimensions before the last, e.g. "B, N"; a "..."
+    among them allows any number of further ones."""
+    check_tensor(op, name, x)
+    names = [d.strip() for d in leading.split(",")]
+    rank = len(names) + 1 - ("..." in names)
+    if (x.dim() < rank if "..." in names else x.dim() != rank) or x.shape[-1] != width:
+        raise ValueError(f"{op}: {name} must be ({leading}, {width}) ({width_name}={width}), got shape {shape_str(x)}")
+    if not x.is_floating_point():
+        raise TypeError(f"{op}: {name} must be a floating-point tensor, got {x.dtype}")
+
+
 def check_same_device(op: str, tensors: Iterable[tuple]) -> None:
     """`tensors`: (name, tensor) pairs that must live on one device."""
     pairs = [(n, t) for n, t in tensors if isinstance(t, torch.Tensor)]

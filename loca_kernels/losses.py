@@ -351,8 +351,14 @@ class PatchCorrespondenceLoss(nn.Module):
 
     def forward(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
         name = type(self).__name__
-        check_tensor(name, "student", student, ndim=3, layout="(B, Ns, C)")
+        check_tensor(name, "student", student, ndim=3, layout="(B, Ns, C)", dtypes=FLOAT_DTYPES + (torch.float64,))
         check_tensor(name, "teacher", teacher, ndim=3, layout="(B, Nt, C)")
+        if teacher.dtype != student.dtype:
+            raise TypeError(f"{name}: teacher must have the student's dtype {student.dtype}, got {teacher.dtype}")
+        (b, _, c), (bt, _, ct) = student.shape, teacher.shape
+        if (bt, ct) != (b, c):
+            raise ValueError(f"{name}: teacher must be (B, Nt, C) with the student's B={b} and C={c}, "
+                             f"got shape {shape_str(teacher)}")
         fewest = min(student.shape[1], teacher.shape[1])
         if self.num_matches > fewest:
             raise ValueError(f"{name}: num_matches={self.num_matches} is larger than the patches of the student "

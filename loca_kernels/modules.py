@@ -13,12 +13,23 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ._validation import check_features, shape_str
 from .attention import masked_cross_attention
 
 __all__ = ["MaskedCrossAttention", "CrossAttentionBlock", "PositionPredictor", "ClusteringHead", "RotationPredictor"]
 
 # LayerNorm epsilon of LOCA's (flax) and timm's ViTs.
 LAYER_NORM_EPS = 1e-6
+
+
+def _check_attention_inputs(owner: str, x, context, dim: int, context_dim: int) -> None:
+    """x (Bq, Nq, dim) and context (Bk, Nk, context_dim) with Bq a multiple of Bk, named as
+    the module's arguments and checked before any projection (shapes only: no host sync)."""
+    check_features(owner, "x", x, "Bq, Nq", dim)
+    check_features(owner, "context", context, "Bk, Nk", context_dim, "context_dim")
+    if x.shape[0] % context.shape[0]:
+        raise ValueError(f"{owner}: x must hold V views of each of the Bk={context.shape[0]} references of "
+                         f"context (Bq = V * Bk, view-major), got x of shape {shape_str(x)}")
 
 
 def _warn_dropout_ignored(source: str, p: float) -> None:
@@ -74,6 +85,7 @@ class MaskedCrossAttention(nn.Module):
         self.proj = nn.Linear(dim, dim, bias=proj_bias, **factory)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor, keep=None) -> torch.Tensor:
+        _check_attention_inputs(type(self).__name__, x, context, self.dim, self.context_dim)
         q = self.q(x).unflatten(-1, (self.num_heads, self.head_dim))                   # (Bq, Nq, H, D)
         kv = self.kv(context).unflatten(-1, (2, self.num_heads, self.head_dim))        # (Bk, Nk, 2, H, D)
         out = masked_cross_attention(q, kv[:, :, 0], kv[:, :, 1], keep, scale=self.scale,
@@ -196,6 +208,7 @@ class CrossAttentionBlock(nn.Module):
                                  nn.Linear(hidden, dim, **factory))
 
     def forward(self, x: torch.Tensor, context: torch.Tensor, keep=None) -> torch.Tensor:
+        _check_attention_inputs(type(self).__name__, x, context, self.attn.dim, self.attn.context_dim)
         x = x + self.attn(self.norm_q(x), self.norm_context(context), keep)
         return x + self.mlp(self.norm_mlp(x))
 
@@ -212,6 +225,7 @@ class PositionPredictor(nn.Module):
         self.linear = nn.Linear(dim, num_positions, device=device, dtype=dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        check_features(type(self).__name__, "x", x, "...", self.norm.normalized_shape[0])
         return self.linear(self.norm(x))
 
 
@@ -246,6 +260,7 @@ class ClusteringHead(nn.Module):
         self.prototypes = nn.Linear(bottleneck_dim, num_prototypes, bias=False, **factory)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        check_features(type(self).__name__, "x", x, "...", self.mlp[0].in_features)
         z = F.normalize(self.mlp(x), dim=-1)
         return F.linear(z, F.normalize(self.prototypes.weight, dim=-1))
 
@@ -270,4 +285,5 @@ class RotationPredictor(nn.Sequential):
             nn.Linear(bottleneck_dim, 4, **factory))
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        check_features(type(self).__name__, "tokens", tokens, "..., N", self[0].in_features)
         return super().forward(tokens.mean(dim=-2))

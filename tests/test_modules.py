@@ -165,6 +165,87 @@ def test_weight_import_rejects_what_it_cannot_represent():
         MaskedCrossAttention(30, 4)
 
 
+# ---------------------------------------------------------------- input checks
+
+BAD_INPUTS = [  # (module, inputs, error, message): x (B, N, 32), context (B, N, 24)
+    ("MaskedCrossAttention", ((2, 5, 20), (2, 6, 24)), ValueError,
+     r"MaskedCrossAttention: x must be \(Bq, Nq, 32\) \(dim=32\), got shape \(2, 5, 20\)"),
+    ("MaskedCrossAttention", ((10, 32), (2, 6, 24)), ValueError,
+     r"MaskedCrossAttention: x must be \(Bq, Nq, 32\) \(dim=32\), got shape \(10, 32\)"),
+    ("MaskedCrossAttention", ((2, 5, 32), (2, 6, 32)), ValueError,
+     r"MaskedCrossAttention: context must be \(Bk, Nk, 24\) \(context_dim=24\), got shape \(2, 6, 32\)"),
+    ("MaskedCrossAttention", ((2, 5, 32), (6, 24)), ValueError,
+     r"MaskedCrossAttention: context must be \(Bk, Nk, 24\) \(context_dim=24\), got shape \(6, 24\)"),
+    ("MaskedCrossAttention", ((3, 5, 32), (2, 6, 24)), ValueError,
+     r"MaskedCrossAttention: x must hold V views of each of the Bk=2 references of context \(Bq = V \* Bk, "
+     r"view-major\), got x of shape \(3, 5, 32\)"),
+    ("MaskedCrossAttention", ((torch.int64, (2, 5, 32)), (2, 6, 24)), TypeError,
+     "MaskedCrossAttention: x must be a floating-point tensor, got torch.int64"),
+    ("MaskedCrossAttention", ("x", (2, 6, 24)), TypeError, "MaskedCrossAttention: x must be a torch.Tensor, got str"),
+    ("CrossAttentionBlock", ((2, 5, 20), (2, 6, 24)), ValueError,
+     r"CrossAttentionBlock: x must be \(Bq, Nq, 32\) \(dim=32\), got shape \(2, 5, 20\)"),
+    ("CrossAttentionBlock", ((2, 5, 32), (2, 6, 32)), ValueError,
+     r"CrossAttentionBlock: context must be \(Bk, Nk, 24\) \(context_dim=24\), got shape \(2, 6, 32\)"),
+    ("CrossAttentionBlock", ((4, 5, 32), (3, 6, 24)), ValueError, r"CrossAttentionBlock: x must hold V views .*Bk=3"),
+    ("PositionPredictor", ((2, 5, 24),), ValueError,
+     r"PositionPredictor: x must be \(\.\.\., 32\) \(dim=32\), got shape \(2, 5, 24\)"),
+    ("PositionPredictor", ((),), ValueError, r"PositionPredictor: x must be \(\.\.\., 32\) \(dim=32\), got shape \(\)"),
+    ("ClusteringHead", ((7, 31),), ValueError,
+     r"ClusteringHead: x must be \(\.\.\., 32\) \(dim=32\), got shape \(7, 31\)"),
+    ("RotationPredictor", ((2, 5, 24),), ValueError,
+     r"RotationPredictor: tokens must be \(\.\.\., N, 32\) \(dim=32\), got shape \(2, 5, 24\)"),
+    ("RotationPredictor", ((32,),), ValueError,
+     r"RotationPredictor: tokens must be \(\.\.\., N, 32\) \(dim=32\), got shape \(32\)"),
+    ("PatchCorrespondenceLoss", ((2, 5, 8), (3, 5, 8)), ValueError,
+     r"PatchCorrespondenceLoss: teacher must be \(B, Nt, C\) with the student's B=2 and C=8, got shape \(3, 5, 8\)"),
+    ("PatchCorrespondenceLoss", ((2, 5, 8), (2, 5, 7)), ValueError,
+     r"PatchCorrespondenceLoss: teacher must be \(B, Nt, C\) with the student's B=2 and C=8, got shape \(2, 5, 7\)"),
+    ("PatchCorrespondenceLoss", ((2, 5, 8), (torch.float64, (2, 5, 8))), TypeError,
+     "PatchCorrespondenceLoss: teacher must have the student's dtype torch.float32, got torch.float64"),
+]
+
+
+def _bad_input_module(name):
+    return {"MaskedCrossAttention": lambda: MaskedCrossAttention(DIM, HEADS, context_dim=CONTEXT_DIM),
+            "CrossAttentionBlock": lambda: CrossAttentionBlock(DIM, HEADS, context_dim=CONTEXT_DIM),
+            "PositionPredictor": lambda: PositionPredictor(DIM, 36),
+            "ClusteringHead": lambda: ClusteringHead(DIM, 16, hidden_dim=32, bottleneck_dim=8),
+            "RotationPredictor": lambda: loca_kernels.RotationPredictor(DIM, 16, 8),
+            "PatchCorrespondenceLoss": lambda: loca_kernels.PatchCorrespondenceLoss(2)}[name]()
+
+
+def _bad_input(spec):
+    """A shape tuple -> float32 zeros, (dtype, shape) -> zeros of that dtype, else as given."""
+    if isinstance(spec, tuple) and spec and isinstance(spec[0], torch.dtype):
+        return torch.zeros(spec[1], dtype=spec[0])
+    return torch.zeros(spec) if isinstance(spec, tuple) else spec
+
+
+@pytest.mark.parametrize("name,inputs,kind,match", BAD_INPUTS, ids=[f"{c[0]}-{i}" for i, c in enumerate(BAD_INPUTS)])
+def test_bad_inputs_are_named_before_any_layer_runs(name, inputs, kind, match, monkeypatch):
+    module = _bad_input_module(name)
+
+    def fail(*args, **kwargs):
+        raise AssertionError("a layer ran before the inputs were checked")
+
+    # The module's own check must fire first: no projection, norm or matching runs.
+    for layer in (nn.Linear, nn.LayerNorm):
+        monkeypatch.setattr(layer, "forward", fail)
+    monkeypatch.setattr(loca_kernels.losses, "patch_matching", fail)
+    with pytest.raises(kind, match=match):
+        module(*[_bad_input(spec) for spec in inputs])
+
+
+def test_good_inputs_pass_the_input_checks():
+    # The checks accept what the modules document: extra leading dims for the heads, V views.
+    x, context = torch.randn(4, 3, DIM), torch.randn(2, 6, CONTEXT_DIM)
+    assert _bad_input_module("MaskedCrossAttention")(x, context).shape == (4, 3, DIM)
+    assert _bad_input_module("CrossAttentionBlock")(x, context).shape == (4, 3, DIM)
+    assert _bad_input_module("PositionPredictor")(torch.randn(2, 2, 3, DIM)).shape == (2, 2, 3, 36)
+    assert _bad_input_module("ClusteringHead")(torch.randn(DIM)).shape == (16,)
+    assert _bad_input_module("RotationPredictor")(torch.randn(2, 2, 3, DIM)).shape == (2, 2, 4)
+
+
 def test_k_and_v_are_views_of_one_kv_projection(monkeypatch):
     seen = {}
 

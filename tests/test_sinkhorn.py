@@ -117,6 +117,76 @@ def test_a_prototype_far_from_every_sample(mode, backend, device):
     assert got[:, 0].sum() > 0.5       # the balancing gives the far prototype its share
 
 
+# ---- NaN and infinite scores (SPEC.md section 4): a row holding one is NaN after the row
+# softmax, and the first column normalisation (or SwAV's total mass) spreads NaN everywhere.
+
+# NaN inputs make numpy, which runs the Triton interpreter, warn.
+IGNORE_NUMPY_NAN_WARNINGS = pytest.mark.filterwarnings("ignore::RuntimeWarning")
+NON_FINITE = [pytest.param(float("nan"), id="nan"), pytest.param(float("inf"), id="+inf"),
+              pytest.param(float("-inf"), id="-inf")]
+
+
+def _expected_nan(n, k, row, mode, iterations):
+    """The SPEC's NaN pattern for a non-finite score in `row`."""
+    nan = torch.zeros(n, k, dtype=torch.bool)
+    if mode == "loca" and iterations == 0:
+        nan[row] = True
+    else:
+        nan[:] = True
+    return nan
+
+
+def _check_non_finite(scores, row, col, value, mode, iterations, backend, device):
+    """Put `value` at scores[row, col] (col None: the whole row) and check the NaN pattern
+    against the SPEC's and the reference's, and the other rows against the finite result."""
+    n, k = scores.shape
+    bad = scores.clone()
+    bad[row, slice(None) if col is None else col] = value
+    got = lk.sinkhorn(bad.to(device), iterations=iterations, mode=mode, backend=backend).cpu()
+    expected = _expected_nan(n, k, row, mode, iterations)
+    assert torch.equal(got.isnan(), expected), f"{int(got.isnan().sum())} NaN, expected {int(expected.sum())}"
+    reference = lk.sinkhorn(bad, iterations=iterations, mode=mode, backend="torch")
+    assert torch.equal(got.isnan(), reference.isnan())
+    if not expected.all():  # rows are independent without column normalisation: the rest is untouched
+        finite = scores.clone()
+        finite[row] = 0.0
+        clean = lk.sinkhorn(finite.to(device), iterations=iterations, mode=mode, backend=backend).cpu()
+        assert torch.equal(got[~expected], clean[~expected])
+        assert_close(got[~expected], textbook(finite, 0.05, iterations, mode)[~expected], torch.float32)
+
+
+@IGNORE_NUMPY_NAN_WARNINGS
+@pytest.mark.parametrize("col", [2, 35, None], ids=["entry", "entry-in-the-tail", "row"])
+@pytest.mark.parametrize("value", NON_FINITE)
+@pytest.mark.parametrize("mode,iterations", [("loca", 0), ("loca", 3), ("swav", 0), ("swav", 1)])
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_non_finite_scores_give_nan(col, value, mode, iterations, backend, device):
+    # K = 37: the C++ kernel's 16-lane loop and its tail (columns 32..36).
+    _check_non_finite(random_scores(9, 37), 4, col, value, mode, iterations, backend, device)
+
+
+@IGNORE_NUMPY_NAN_WARNINGS
+@pytest.mark.parametrize("value", NON_FINITE)
+@pytest.mark.parametrize("mode,iterations", [("loca", 0), ("loca", 2), ("swav", 1)])
+@pytest.mark.parametrize("n,k,row,col", [(300, 7, 200, 3), (3, 8200, 1, 8199)], ids=["rows-past-a-chunk", "two-tiles"])
+@pytest.mark.parametrize("backend,device", FUSED)
+def test_non_finite_scores_past_one_block(n, k, row, col, value, mode, iterations, backend, device):
+    # A row after the C++ kernel's first chunk of 128 rows; a column in the second Triton tile
+    # (the two-sweep path) and past the CUDA kernel's shared-memory column sums.
+    _check_non_finite(random_scores(n, k), row, col, value, mode, iterations, backend, device)
+
+
+@IGNORE_NUMPY_NAN_WARNINGS
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_non_finite_scores_in_half_precision(dtype, backend, device):
+    scores = random_scores(6, 20, dtype=dtype)
+    scores[1, 3], scores[4, 0] = float("inf"), float("nan")
+    got = lk.sinkhorn(scores.to(device), iterations=0, backend=backend).cpu()
+    assert torch.equal(got.isnan().any(1), torch.tensor([False, True, False, False, True, False]))
+    assert got.isnan().any(1).equal(got.isnan().all(1))
+
+
 class CountingPass:
     def __init__(self, backend):
         self.op, self.calls = OPERATORS[backend], []
@@ -183,8 +253,18 @@ def _free_port() -> int:
 
 
 # scale 0.5: x = scores / epsilon spreads over ~60, the fast path; scale 3: over ~400, where
-# pass 0 underflows and is redone in the log domain (two more all-reduces).
-GLOO_CASES = [("loca", 3, 0.5), ("swav", 3, 0.5), ("swav", 0, 0.5), ("loca", 3, 3.0), ("swav", 3, 3.0)]
+# pass 0 underflows and is redone in the log domain (two more all-reduces). poison: a NaN score
+# on rank 1 (row 30), which makes every row of both ranks NaN, or that row alone without
+# column normalisation (loca, 0 iterations), with no more all-reduces than the fast path.
+GLOO_CASES = [("loca", 3, 0.5, False), ("swav", 3, 0.5, False), ("swav", 0, 0.5, False), ("loca", 3, 3.0, False),
+              ("swav", 3, 3.0, False), ("loca", 2, 0.5, True), ("swav", 2, 0.5, True), ("loca", 0, 0.5, True)]
+
+
+def _gloo_scores(scale, poison):
+    scores = random_scores(37, 11, scale=scale, seed=5)
+    if poison:
+        scores[30, 4] = float("nan")
+    return scores
 
 
 def _rank_main(rank, world, port, backend, results):
@@ -193,7 +273,8 @@ def _rank_main(rank, world, port, backend, results):
     dist.init_process_group("gloo", rank=rank, world_size=world)
     all_reduce = dist.all_reduce
     try:
-        for mode, iterations, scale in GLOO_CASES:
+        for case in GLOO_CASES:
+            mode, iterations, scale, poison = case
             calls = []
 
             def counted(tensor, *args, **kwargs):
@@ -201,10 +282,10 @@ def _rank_main(rank, world, port, backend, results):
                 return all_reduce(tensor, *args, **kwargs)
 
             dist.all_reduce = counted
-            rows = random_scores(37, 11, scale=scale, seed=5).tensor_split(world)[rank]
+            rows = _gloo_scores(scale, poison).tensor_split(world)[rank]
             got = lk.sinkhorn(rows, iterations=iterations, mode=mode, group=dist.group.WORLD, backend=backend)
             dist.all_reduce = all_reduce
-            results[(rank, mode, iterations, scale)] = (got, calls)
+            results[(rank, *case)] = (got, calls)
     finally:
         dist.all_reduce = all_reduce
         dist.destroy_process_group()
@@ -216,14 +297,18 @@ def test_two_gloo_ranks_equal_one_process_on_the_concatenated_scores(backend, de
         pytest.skip("gloo test runs on CPU tensors")
     results = mp.Manager().dict()
     mp.spawn(_rank_main, args=(2, _free_port(), backend, results), nprocs=2, join=True)
-    for mode, iterations, scale in GLOO_CASES:
-        case = f"{mode}, iterations={iterations}, scale={scale}"
-        together = torch.cat([results[(0, mode, iterations, scale)][0], results[(1, mode, iterations, scale)][0]])
-        assert_close(together, textbook(random_scores(37, 11, scale=scale, seed=5), 0.05, iterations, mode),
-                     torch.float32, name=case)
+    for key in GLOO_CASES:
+        mode, iterations, scale, poison = key
+        case = f"{mode}, iterations={iterations}, scale={scale}, poison={poison}"
+        together = torch.cat([results[(0, *key)][0], results[(1, *key)][0]])
+        # The textbook formulas spread a NaN score as SPEC.md says: its row, then everything.
+        assert_close(together, textbook(_gloo_scores(scale, poison), 0.05, iterations, mode), torch.float32,
+                     name=case)
+        if poison:
+            assert torch.equal(together.isnan(), _expected_nan(37, 11, 30, mode, iterations)), case
         if backend != "torch" and iterations > 0 and scale < 1:
             # One all-reduce of K (+ the row count) per iteration; SwAV adds the max for its shift.
-            calls = results[(0, mode, iterations, scale)][1]
+            calls = results[(0, *key)][1]
             assert [size for size in calls if size > 1] == [11 + 1] + [11] * (iterations - 1), case
             assert len(calls) == iterations + (mode == "swav"), case
 

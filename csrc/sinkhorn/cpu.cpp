@@ -40,24 +40,52 @@ constexpr int64_t kChunkRows = 128;
 constexpr int64_t kLanes = 16;
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
-// x[j] = s[j] * inv_epsilon - col_scale[j]; returns max_j x[j].
-inline float shift_row(const float* s, const float* col_scale, float inv_epsilon, int64_t k, float* x) {
+// max_j x[j], in 16 lanes.
+inline float max_over(const float* x, int64_t k) {
   float lane_max[kLanes];
   for (int64_t l = 0; l < kLanes; ++l) lane_max[l] = kNegInf;
   int64_t j = 0;
   for (; j + kLanes <= k; j += kLanes) {
-    for (int64_t l = 0; l < kLanes; ++l) {
-      x[j + l] = s[j + l] * inv_epsilon - col_scale[j + l];
-      lane_max[l] = max_of(lane_max[l], x[j + l]);
-    }
+    for (int64_t l = 0; l < kLanes; ++l) lane_max[l] = max_of(lane_max[l], x[j + l]);
   }
   float peak = kNegInf;
-  for (; j < k; ++j) {
-    x[j] = s[j] * inv_epsilon - col_scale[j];
-    peak = max_of(peak, x[j]);
-  }
+  for (; j < k; ++j) peak = max_of(peak, x[j]);
   for (int64_t l = 0; l < kLanes; ++l) peak = max_of(peak, lane_max[l]);
   return peak;
+}
+
+// x[j] = s[j] * inv_epsilon - col_scale[j]; returns max_j x[j], and in *nan 0 when every
+// x[j] is finite, NaN otherwise (a NaN or infinite score, or a NaN col_scale): the row's sum
+// of x, times 0 (finite x overflow it only past K |x| ~ 3.4e38). Adding it to the row's weight
+// makes such a row all NaN, as in the reference. Two loops: x and its sum vectorise, the max
+// (a select, which GCC leaves scalar) reads x back from L1; together no slower than x and the
+// max in one scalar loop.
+inline float shift_row(const float* s, const float* col_scale, float inv_epsilon, int64_t k, float* x, float* nan) {
+  float lane_sum[kLanes] = {};
+  int64_t j = 0;
+  for (; j + kLanes <= k; j += kLanes) {
+    for (int64_t l = 0; l < kLanes; ++l) {
+      x[j + l] = s[j + l] * inv_epsilon - col_scale[j + l];
+      lane_sum[l] += x[j + l];
+    }
+  }
+  float total = 0.0f;
+  for (; j < k; ++j) {
+    x[j] = s[j] * inv_epsilon - col_scale[j];
+    total += x[j];
+  }
+  for (int64_t l = 0; l < kLanes; ++l) total += lane_sum[l];
+  *nan = total * 0.0f;
+  return max_over(x, k);
+}
+
+// x[j] = exp(s[j] * inv_epsilon - col_scale[j]) where that exponent is NaN or infinite (exp, not
+// fast_exp, which maps NaN and +inf to finite values): an unnormalised write is exp(x) entrywise.
+inline void exp_where_not_finite(const float* s, const float* col_scale, float inv_epsilon, int64_t k, float* x) {
+  for (int64_t j = 0; j < k; ++j) {
+    const float exponent = s[j] * inv_epsilon - col_scale[j];
+    if (!std::isfinite(exponent)) x[j] = std::exp(exponent);
+  }
 }
 
 // x[j] *= a.
@@ -99,10 +127,14 @@ inline void process_chunk(const Pass<scalar_t>& p, int64_t chunk, float* convert
       row = converted;
     }
     float* x = p.write ? p.result + i * k : buffer;
-    const float peak = shift_row(row, p.col_scale, p.inv_epsilon, k, x);
+    float nan = 0.0f;
+    const float peak = shift_row(row, p.col_scale, p.inv_epsilon, k, x, &nan);
+    // fast_exp does not propagate NaN: a row with a non-finite x is made all NaN by adding
+    // `nan` to the factor that multiplies its probabilities.
     if (!p.normalize_rows) {
       if (p.write) {
         exp_sum_in_place(x, 0.0f, k);
+        if (nan != 0.0f) exp_where_not_finite(row, p.col_scale, p.inv_epsilon, k, x);
         continue;
       }
       // exp(x - shift) with shift >= every x of the chunk so far: no overflow.
@@ -110,10 +142,10 @@ inline void process_chunk(const Pass<scalar_t>& p, int64_t chunk, float* convert
       const float rescale = *shift == grown ? 1.0f : std::exp(*shift - grown);
       *shift = grown;
       exp_sum_in_place(x, grown, k);
-      scale_add(sums, rescale, x, 1.0f, k);
+      scale_add(sums, rescale + nan, x, 1.0f, k);
       continue;
     }
-    const float weight = 1.0f / exp_sum_in_place(x, peak, k);  // the sum is >= 1 (the max's term)
+    const float weight = 1.0f / exp_sum_in_place(x, peak, k) + nan;  // the sum is >= 1 (the max's term)
     if (p.write) {
       scale(x, weight, k);
     } else {

@@ -39,7 +39,10 @@ __device__ __forceinline__ float decay(float from, float to) { return from == to
 template <typename T, bool kNormalize, bool kWrite>
 __global__ void __launch_bounds__(kThreads) sinkhorn_pass_kernel(SinkhornPassParams p, int64_t rows_per_block) {
   extern __shared__ float shared_sums[];
-  __shared__ float row_max[kWarps], row_weight[kWarps];
+  // row_nan: 0, or NaN for a row with a non-finite x (a NaN or infinite score, or a NaN
+  // col_scale), which is then all NaN: added to its weight, or to its shift for unnormalised
+  // sums. (An unnormalised write skips sweep 1: p = exp(x) entrywise.)
+  __shared__ float row_max[kWarps], row_weight[kWarps], row_nan[kWarps];
   const T* scores = static_cast<const T*>(p.scores);
   const float* col_scale = p.col_scale;
   const float inv_epsilon = p.inv_epsilon;
@@ -59,9 +62,10 @@ __global__ void __launch_bounds__(kThreads) sinkhorn_pass_kernel(SinkhornPassPar
     if constexpr (kNormalize || !kWrite) {
       if (warp < count) {
         const T* row = scores + (first + warp) * p.row_stride;
-        float m = kNegInf, s = 0.0f;
+        float m = kNegInf, s = 0.0f, nan = 0.0f;
         for (int64_t j = lane; j < cols; j += 32) {
           const float x = shifted(to_float(row[j]), col_scale[j], inv_epsilon);
+          nan += x * 0.0f;  // NaN once an x is NaN or infinite
           if constexpr (kNormalize) {
             if (x > m) {
               s = s * decay(m, x) + 1.0f;
@@ -74,6 +78,7 @@ __global__ void __launch_bounds__(kThreads) sinkhorn_pass_kernel(SinkhornPassPar
           }
         }
         for (int offset = 16; offset > 0; offset /= 2) {
+          nan += __shfl_xor_sync(0xffffffffu, nan, offset);
           const float other_m = __shfl_xor_sync(0xffffffffu, m, offset);
           if constexpr (kNormalize) {
             const float other_s = __shfl_xor_sync(0xffffffffu, s, offset);
@@ -86,7 +91,8 @@ __global__ void __launch_bounds__(kThreads) sinkhorn_pass_kernel(SinkhornPassPar
         }
         if (lane == 0) {
           row_max[warp] = m;
-          row_weight[warp] = 1.0f / s;  // s >= 1: the max's own term
+          row_weight[warp] = 1.0f / s + nan;  // s >= 1: the max's own term
+          row_nan[warp] = nan;
         }
       }
       __syncthreads();
@@ -101,7 +107,11 @@ __global__ void __launch_bounds__(kThreads) sinkhorn_pass_kernel(SinkhornPassPar
     float subtract[kWarps], weight[kWarps];
 #pragma unroll
     for (int r = 0; r < kWarps; ++r) {
-      subtract[r] = kNormalize ? (r < count ? row_max[r] : 0.0f) : (kWrite ? 0.0f : shift);
+      if constexpr (kNormalize) {
+        subtract[r] = r < count ? row_max[r] : 0.0f;
+      } else {
+        subtract[r] = kWrite ? 0.0f : shift + (r < count ? row_nan[r] : 0.0f);
+      }
       weight[r] = kNormalize && r < count ? row_weight[r] : 1.0f;
     }
     for (int64_t j = threadIdx.x; j < cols; j += kThreads) {

@@ -41,7 +41,9 @@ def sinkhorn(scores: torch.Tensor, *, epsilon: float = 0.05, iterations: int = 3
         backend: None, "torch", "cpu", "triton" or "cuda".
 
     Returns:
-        float32 (N, K), without gradient. Stable for |scores| / epsilon in the thousands.
+        float32 (N, K), without gradient. Stable for |scores| / epsilon in the thousands. A NaN
+        or infinite score gives NaN: in its row with mode "loca" and iterations 0, in every
+        entry otherwise (column sums span all rows).
     """
     check_tensor(OP, "scores", scores, ndim=2, layout="(N, K)", dtypes=FLOAT_DTYPES)
     if scores.shape[0] == 0 or scores.shape[1] == 0:

@@ -17,6 +17,10 @@ are normalised, a sum >= 1 / (N K). In pass 0 a prototype whose sum falls below 
 cosine scores at epsilon = 0.05 span 40) could lose precision to terms flushed to zero:
 then, and only then, pass 0's column normaliser is recomputed in the log domain by a
 chunked PyTorch pass (one more read of `scores`, two all-reduces).
+
+NaN and infinite scores (SPEC.md section 4): a pass makes a row with a non-finite x all NaN
+(the row's sum of x * 0, added to its normaliser in the same sweep), so the column sums are
+NaN, `col` becomes NaN, and the next pass makes every row NaN. No extra pass, no host sync.
 """
 from __future__ import annotations
 
@@ -56,10 +60,12 @@ def sinkhorn(sinkhorn_pass, scores: torch.Tensor, *, epsilon: float, iterations:
     if iterations == 0:  # swav: Q = N exp(x) / total mass, the mass from the column sums
         log_mass = shift + torch.log(sums.sum())
         return sinkhorn_pass(scores, col + (log_mass - torch.log(n_total)).float(), inv_epsilon, False, True)[0]
-    if bool(sums.min() >= n_total * SMALLEST_EXACT_SUM_PER_ROW):
-        col = shift + torch.log(sums)
-    else:
+    # NaN sums (a non-finite score poisons its row, so every column) fail the comparison and
+    # go on into col, and from there into every entry of Q, as in the reference.
+    if bool(sums.min() < n_total * SMALLEST_EXACT_SUM_PER_ROW):
         col = _column_logsumexp(scores, inv_epsilon, not swav, group)
+    else:
+        col = shift + torch.log(sums)
     # SwAV's constants: columns to 1/K, rows to 1/N_total (LOCA: both to 1).
     if swav:
         col = col + math.log(k)

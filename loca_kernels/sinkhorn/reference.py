@@ -2,6 +2,7 @@
 
 The SPEC's formulas, with every normalisation a subtraction of a log-sum-exp, so that
 |scores| / epsilon in the thousands stays finite. Sums over samples span all ranks of `group`.
+A non-finite score makes its row NaN, and NaN spreads as the formulas carry it.
 """
 from __future__ import annotations
 
@@ -16,6 +17,9 @@ from .distributed import logsumexp_over_ranks, rows_over_ranks
 def sinkhorn(scores: torch.Tensor, *, epsilon: float, iterations: int, mode: str, group=None) -> torch.Tensor:
     """On checked inputs. Returns float32 (N, K)."""
     logits = scores.double() / epsilon
+    # A row holding a NaN or infinite score becomes all NaN (x * 0 is NaN exactly there); the
+    # normalisations then carry NaN into every entry that sums over that row (SPEC.md section 4).
+    logits = logits + (logits * 0).sum(dim=1, keepdim=True)
     n, k = logits.shape
     if mode == "loca":
         log_q = logits - torch.logsumexp(logits, dim=1, keepdim=True)

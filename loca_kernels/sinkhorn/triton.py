@@ -29,6 +29,13 @@ def _load_x(scores, col_scale, rows, cols, ok, k, stride_n, inv_epsilon):
     return tl.where(ok, x, float("-inf"))
 
 
+@triton.jit
+def _row_nan(x, ok):
+    """Per row of a tile, the sum of x * 0 over the matrix: 0 when every x is finite, NaN when
+    one is NaN or infinite (a non-finite score, or a NaN col_scale)."""
+    return tl.sum(tl.where(ok, x * 0.0, 0.0), 1)
+
+
 @triton.jit(do_not_specialize=["n", "k", "stride_n", "blocks_per_program"])
 def _sinkhorn_pass_kernel(scores, col_scale, out, partial, partial_shift, n, k, stride_n, inv_epsilon,
                           blocks_per_program, NORMALIZE: tl.constexpr, WRITE: tl.constexpr,
@@ -43,18 +50,21 @@ def _sinkhorn_pass_kernel(scores, col_scale, out, partial, partial_shift, n, k, 
         rows = block * BLOCK_N + row_lane
         row_ok = rows < n
         if ONE_TILE:  # the rows fit one tile: read once, kept for both sweeps
-            x = _load_x(scores, col_scale, rows, col_lane, row_ok[:, None] & (col_lane < k)[None, :], k,
-                        stride_n, inv_epsilon)
+            ok = row_ok[:, None] & (col_lane < k)[None, :]
+            x = _load_x(scores, col_scale, rows, col_lane, ok, k, stride_n, inv_epsilon)
             peak = tl.max(x, 1)
             safe = tl.where(peak == float("-inf"), 0.0, peak)        # rows past N
             total = tl.sum(tl.exp(x - safe[:, None]), 1)
+            nan = _row_nan(x, ok)
         else:
             peak = tl.full([BLOCK_N], float("-inf"), tl.float32)
             total = tl.zeros([BLOCK_N], tl.float32)
+            nan = tl.zeros([BLOCK_N], tl.float32)
             for k0 in range(0, k, BLOCK_K):
                 cols = k0 + col_lane
                 ok = row_ok[:, None] & (cols < k)[None, :]
                 x = _load_x(scores, col_scale, rows, cols, ok, k, stride_n, inv_epsilon)
+                nan += _row_nan(x, ok)
                 grown = tl.maximum(peak, tl.max(x, 1))
                 if NORMALIZE:
                     safe = tl.where(grown == float("-inf"), 0.0, grown)
@@ -71,11 +81,12 @@ def _sinkhorn_pass_kernel(scores, col_scale, out, partial, partial_shift, n, k, 
             rescale = tl.where(shift == grown, 1.0, tl.exp(shift - grown))
             shift = grown
             subtract = tl.zeros([BLOCK_N], tl.float32) + grown
+        if NORMALIZE or not WRITE:  # a row with a non-finite x: all NaN (an unnormalised write: exp(x) entrywise)
+            subtract += nan
         if ONE_TILE:
             p = tl.exp(x - subtract[:, None])
             if WRITE:
-                tl.store(out + rows[:, None] * k + col_lane[None, :], p,
-                         mask=row_ok[:, None] & (col_lane < k)[None, :])
+                tl.store(out + rows[:, None] * k + col_lane[None, :], p, mask=ok)
             else:
                 column_sums = column_sums * rescale + tl.sum(p, 0)
         else:  # second sweep: the row block was just read, from cache
