@@ -281,7 +281,7 @@ def test_geometry_per_image_sizes():
 def test_fused_kernel_equals_reference_on_many_views_with_edge_hits(backend, device):
     # Integer boxes on a lattice make many centres land exactly on patch and box edges.
     gen = torch.Generator().manual_seed(4)
-    b, v = 64, 10
+    b, v = (16 if backend == "triton" and device == "cpu" else 64), 10    # the interpreter is slow: 160 views
     corner = torch.randint(0, 40, (b, v, 2), generator=gen)
     size = torch.randint(1, 60, (b, v, 2), generator=gen)
     qb = torch.cat([corner, corner + size], dim=-1).double()
