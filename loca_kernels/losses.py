@@ -186,6 +186,25 @@ def _gather_over_ranks(local: torch.Tensor, group) -> torch.Tensor:
     return torch.cat(parts)
 
 
+def random_key_queue(dim: int, size: int) -> torch.Tensor:
+    """A (dim, size) queue of random unit keys, columns normalised: MoCo's initial queue."""
+    return F.normalize(torch.randn(dim, size), dim=0)
+
+
+@torch.no_grad()
+def enqueue_keys(queues, queue_ptr: torch.Tensor, keys, group=None) -> None:
+    """MoCo's ring buffer: each (N, D) tensor of `keys`, gathered over `group` (rank-major), is
+    written into columns queue_ptr .. queue_ptr + N - 1 of its (D, K) queue of `queues`, and
+    queue_ptr advances by N modulo K. K must be a multiple of the gathered N (callers check).
+    The pointer stays a tensor: no host synchronisation, traceable."""
+    keys = [_gather_over_ranks(k, group) for k in keys]
+    n = keys[0].shape[0]
+    slots = queue_ptr + torch.arange(n, device=keys[0].device)
+    for queue, k in zip(queues, keys):
+        queue.index_copy_(1, slots, k.t().to(queue.dtype))
+    queue_ptr.copy_((queue_ptr + n) % queues[0].shape[1])
+
+
 class DenseContrastiveLoss(nn.Module):
     """DenseCL's loss head (Wang et al., CVPR 2021; official code WXinlong/DenseCL,
     openselfsup/models/densecl.py) with its two queues of negatives:
@@ -242,8 +261,8 @@ class DenseContrastiveLoss(nn.Module):
         self.dim, self.queue_size, self.temperature = dim, queue_size, temperature
         self.dense_weight, self.group, self.backend = dense_weight, group, backend
         # (D, K) like DenseCL's buffers, read transposed in place by queue_contrastive_loss.
-        self.register_buffer("queue_global", F.normalize(torch.randn(dim, queue_size), dim=0))
-        self.register_buffer("queue_dense", F.normalize(torch.randn(dim, queue_size), dim=0))
+        self.register_buffer("queue_global", random_key_queue(dim, queue_size))
+        self.register_buffer("queue_dense", random_key_queue(dim, queue_size))
         self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.int64))
 
     def extra_repr(self) -> str:
@@ -293,18 +312,12 @@ class DenseContrastiveLoss(nn.Module):
         total = (1 - self.dense_weight) * global_term + self.dense_weight * dense_term
         return total, {"global": global_term, "dense": dense_term}
 
-    @torch.no_grad()
     def _enqueue(self, keys: torch.Tensor, pooled_keys: torch.Tensor) -> None:
-        keys, pooled_keys = _gather_over_ranks(keys, self.group), _gather_over_ranks(pooled_keys, self.group)
-        n = keys.shape[0]
+        n = keys.shape[0] * (1 if self.group is None else torch.distributed.get_world_size(self.group))
         if self.queue_size % n:
             raise ValueError(f"DenseContrastiveLoss: queue_size={self.queue_size} must be a multiple of the global "
                              f"batch (the images of all ranks of a step), got {n}")
-        # Index writes with the pointer as a tensor: no host synchronisation, traceable.
-        slots = self.queue_ptr + torch.arange(n, device=keys.device)
-        self.queue_global.index_copy_(1, slots, keys.t().to(self.queue_global.dtype))
-        self.queue_dense.index_copy_(1, slots, pooled_keys.t().to(self.queue_dense.dtype))
-        self.queue_ptr.copy_((self.queue_ptr + n) % self.queue_size)
+        enqueue_keys((self.queue_global, self.queue_dense), self.queue_ptr, (keys, pooled_keys), self.group)
 
 
 class PatchCorrespondenceLoss(nn.Module):

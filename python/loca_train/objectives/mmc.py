@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from loca_kernels import ClusteringHead, queue_contrastive_loss
-from loca_kernels.losses import _gather_over_ranks
+from loca_kernels.losses import enqueue_keys, random_key_queue
 from loca_kernels.sinkhorn.distributed import sum_over_ranks
 from loca_kernels.targets.geometry import sample_boxes, sample_flips
 
@@ -131,7 +131,7 @@ class MMCLoss(nn.Module):
         super().__init__()
         self.cfg, self.group = cfg, group
         self.register_buffer("center", torch.zeros(cfg.num_prototypes))
-        self.register_buffer("queue", F.normalize(torch.randn(cfg.projection_dim, cfg.queue_size), dim=0))
+        self.register_buffer("queue", random_key_queue(cfg.projection_dim, cfg.queue_size))
         self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.int64))
 
     def forward(self, pixels, target_pixels, masks, student_logits, teacher_logits, queries, keys):
@@ -162,10 +162,7 @@ class MMCLoss(nn.Module):
         if self.group is not None:
             totals = sum_over_ranks(totals, self.group)
         self.center.lerp_(totals[:-1] / totals[-1], 1 - self.cfg.center_momentum)
-        keys = _gather_over_ranks(keys, self.group)
-        slots = self.queue_ptr + torch.arange(keys.shape[0], device=keys.device)
-        self.queue.index_copy_(1, slots, keys.t().to(self.queue.dtype))
-        self.queue_ptr.copy_((self.queue_ptr + keys.shape[0]) % self.queue.shape[1])
+        enqueue_keys((self.queue,), self.queue_ptr, (keys,), self.group)
 
 
 def make_criterion(cfg: Config, group, world_size: int) -> MMCLoss:
