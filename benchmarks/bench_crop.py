@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 import loca_kernels as lk
 from conftest import DEVICE, ON_GPU, run_benchmark, sizes
-from loca_kernels.targets import geometry
+from loca_kernels import geometry
 
 BATCHES = sizes(quick=(4,), full=(64,))
 OURS = ("triton",) if ON_GPU else ("cpu",)

@@ -25,7 +25,7 @@ import loca_kernels as lk
 from bench_crop import (CHANNELS, GLOBALS, LOCALS, benchmark_step, ours_pooled, pixel_box, roi_align_grid_sample,
                         rotate_by)
 from conftest import ON_GPU, sizes
-from loca_kernels.targets import geometry
+from loca_kernels import geometry
 
 BATCH = sizes(quick=4, full=64)
 MATCHES = {14: 98, 6: 18}      # GTSA's num_matches by the student's map side

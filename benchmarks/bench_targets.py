@@ -6,7 +6,7 @@ import torch
 
 import loca_kernels as lk
 from conftest import DEVICE, ON_GPU, run_benchmark, sizes
-from loca_kernels.targets import geometry
+from loca_kernels import geometry
 
 BATCHES = sizes(quick=(64, 256), full=(64, 256, 1024) if ON_GPU else (64, 256))
 OURS = ("cuda", "triton") if ON_GPU else ("cpu",)

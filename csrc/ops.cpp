@@ -1,7 +1,8 @@
 // Every operator schema of loca_kernels, declared once. Kernels register their
 // implementations per dispatch key next to their sources (csrc/<op>/cpu.cpp for
 // CPU, csrc/<op>/bind_cuda.cpp for CUDA); autograd and fake (meta) functions are
-// registered from Python (loca_kernels/<op>/__init__.py).
+// registered from Python (loca_kernels/<op>/operators.py), once for each operator
+// and its Triton twin; the public function is loca_kernels/<op>/__init__.py.
 #include <Python.h>
 #include <torch/library.h>
 
@@ -90,7 +91,7 @@ TORCH_LIBRARY(loca_kernels, m) {
   // (N, D), queue (K, D), K >= 0, any strides, one dtype), returns (loss, weighted): loss float32
   // (N,), loss_i = logsumexp(l_0, ..., l_K) - l_0; weighted float32 (N, D), the softmax-weighted
   // sum_{k >= 1} p_k queue_k with p = softmax(l_0, ..., l_K), from which the gradients follow
-  // elementwise (loca_kernels/contrastive/ops.py), or (0, D) when not with_grad.
+  // elementwise (loca_kernels/contrastive/operators.py), or (0, D) when not with_grad.
   m.def("queue_contrastive_forward(Tensor query, Tensor positive, Tensor queue, float inv_temperature, "
         "bool with_grad) -> (Tensor loss, Tensor weighted)");
 }

@@ -5,14 +5,19 @@ Public API (docs/SPEC.md): the ops masked_cross_attention, relative_position_tar
 gather_at_targets, sinkhorn, queue_contrastive_loss, patch_matching and crop_features; the keep
 helpers; the layers MaskedCrossAttention, CrossAttentionBlock, PositionPredictor,
 ClusteringHead and RotationPredictor (GTSA); the losses LocaLoss, DenseContrastiveLoss
-(DenseCL) and PatchCorrespondenceLoss (GTSA); and backends() to see what was built and can run
-here.
+(DenseCL), PatchCorrespondenceLoss (GTSA) and MMCLoss (MMC); and backends() to see what was built
+and can run here.
+
+Layout: one folder per op (loca_kernels/<op>/: public function, reference, operators, Triton
+kernels), private to it; what several ops or the trainer share sits at the top: geometry.py
+(view and box sampling), distributed.py (collectives over ranks), modules.py (layers), losses/
+(one module per objective), _backends.py and _validation.py.
 """
 from ._backends import BACKENDS, backends
 from .attention import KeepRun, consecutive_keep, keep_to_mask, masked_cross_attention, random_keep
 from .contrastive import queue_contrastive_loss
 from .crop import crop_features
-from .losses import DenseContrastiveLoss, LocaLoss, PatchCorrespondenceLoss
+from .losses import DenseContrastiveLoss, LocaLoss, MMCLoss, PatchCorrespondenceLoss
 from .matching import patch_matching
 from .modules import ClusteringHead, CrossAttentionBlock, MaskedCrossAttention, PositionPredictor, RotationPredictor
 from .sinkhorn import sinkhorn
@@ -24,5 +29,5 @@ __all__ = [
     "relative_position_targets", "gather_at_targets", "sinkhorn", "queue_contrastive_loss", "patch_matching",
     "crop_features",
     "MaskedCrossAttention", "CrossAttentionBlock", "PositionPredictor", "ClusteringHead", "RotationPredictor",
-    "LocaLoss", "DenseContrastiveLoss", "PatchCorrespondenceLoss",
+    "LocaLoss", "DenseContrastiveLoss", "PatchCorrespondenceLoss", "MMCLoss",
 ]

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 import loca_kernels as lk
 from helpers import TOLERANCES, assert_close, backend_params, compile_for_gpu
 from loca_kernels._backends import TRITON_AVAILABLE, extension_has_kernel
-from loca_kernels.contrastive.ops import OPERATORS
+from loca_kernels.contrastive.operators import OPERATORS
 
 OPERATOR = "queue_contrastive_forward"
 BACKENDS = backend_params(OPERATOR)

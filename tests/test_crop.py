@@ -9,7 +9,7 @@ import torch
 import loca_kernels as lk
 from helpers import assert_close, backend_params, compile_for_gpu
 from loca_kernels._backends import extension_has_kernel
-from loca_kernels.targets import geometry
+from loca_kernels import geometry
 
 ALL = backend_params("crop_features")
 FUSED = backend_params("crop_features", reference=False)

@@ -246,7 +246,7 @@ def test_eval_every_logs_the_metrics_and_draws_no_random_number(run):
     ev.training_metrics(encoder, cfg, "cpu", ev.procedural_split(cfg, 4, 2))
     assert torch.equal(state, torch.get_rng_state())
     torch.manual_seed(cfg.seed)
-    from loca_train.model import LocaNet
+    from loca_train.networks import LocaNet
     assert torch.equal(LocaNet(cfg).encoder.pos_embed, encoder.pos_embed)   # the network train() starts from
 
 

@@ -11,13 +11,13 @@ import torch
 import torch.nn.functional as F
 
 from loca_kernels.losses import LocaLoss
-from loca_kernels.targets.geometry import sample_boxes
+from loca_kernels.geometry import sample_boxes
 from loca_train import preset
 from loca_train.batches import StepBatches, canvas_size
 from loca_train.sampling import TF_ASPECT_RANGE
 from loca_train.config import parse_args
 from loca_train.images import ImageFolder
-from loca_train.model import LocaNet, ema_teacher
+from loca_train.networks import LocaNet, ema_teacher
 from loca_train.objectives.loca import loca_forward
 from test_train import losses_on_a_fixed_batch
 from loca_train.views import crop_views, hsv_to_rgb, make_views, rgb_to_hsv, solarize, tf_color_jitter

@@ -12,7 +12,7 @@ import loca_kernels as lk
 from helpers import assert_close, backend_params, compile_for_gpu
 from loca_kernels._backends import TRITON_AVAILABLE, extension_has_kernel
 from loca_kernels.sinkhorn import fused
-from loca_kernels.sinkhorn.ops import OPERATORS
+from loca_kernels.sinkhorn.operators import OPERATORS
 
 BACKENDS = backend_params("sinkhorn_pass")
 FUSED = backend_params("sinkhorn_pass", reference=False)

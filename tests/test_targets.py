@@ -7,7 +7,7 @@ import torch
 import loca_kernels as lk
 from helpers import backend_params, compile_for_gpu
 from loca_kernels._backends import TRITON_AVAILABLE
-from loca_kernels.targets import geometry
+from loca_kernels import geometry
 
 OP = "relative_position_targets"
 # (backend, device) pairs: every backend on the device it runs on, the reference included.

@@ -10,7 +10,7 @@ import torch
 
 from loca_kernels import MaskedCrossAttention
 from loca_train import export, preset
-from loca_train.model import Encoder
+from loca_train.networks import Encoder
 from helpers import assert_close, backend_params
 
 try:

@@ -15,7 +15,7 @@ from loca_kernels.losses import LocaLoss
 from loca_train import preset
 from loca_train.batches import StepBatches
 from loca_train.images import ProceduralImages
-from loca_train.model import LocaNet, ema_teacher
+from loca_train.networks import LocaNet, ema_teacher
 from loca_train.objectives.loca import loca_forward
 from loca_train.train import TIMING_FIELDS
 

@@ -10,7 +10,7 @@ import torch
 
 from loca_train import __main__ as cli
 from loca_train import export, monitor, preset
-from loca_train.model import Encoder
+from loca_train.networks import Encoder
 from test_train import MICRO, _cli_args, _records, _run
 
 STEPS = 2

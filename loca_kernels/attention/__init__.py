@@ -1,6 +1,6 @@
 """masked_cross_attention (SPEC.md section 1): checks, backend choice, one fused call.
 
-Home of the op: reference.py (the oracle), keep.py (keep forms and helpers), ops.py
+Home of the op: reference.py (the oracle), keep.py (keep forms and helpers), operators.py
 (fake functions and autograd of the fused operators), triton.py (Triton kernels),
 csrc/attention/ (C++ CPU and CUDA kernels).
 """
@@ -14,7 +14,7 @@ from .._backends import choose_backend, extension_has_kernel, support
 from .._validation import FLOAT_DTYPES, check_same_device, check_tensor, shape_str, values_checkable
 from . import reference
 from .keep import KeepRun, compact_keep, consecutive_keep, keep_to_mask, random_keep
-from .ops import OPERATORS
+from .operators import OPERATORS
 
 __all__ = ["masked_cross_attention", "KeepRun", "consecutive_keep", "random_keep", "keep_to_mask"]
 

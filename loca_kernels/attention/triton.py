@@ -1,6 +1,6 @@
 """Triton kernels of masked_cross_attention, defined as the operators
 loca_kernels::attention_forward_triton and loca_kernels::attention_backward_triton (same
-arguments as the C++ pair in csrc/ops.cpp; fake functions and autograd in ops.py).
+arguments as the C++ pair in csrc/ops.cpp; fake functions and autograd in operators.py).
 
 Sequences are short (36 to 196 tokens), so one program owns a (query row, head) pair and
 a block of queries sized to Nq, and loops over the visible keys only, reading them through

@@ -1,6 +1,6 @@
 """queue_contrastive_loss (SPEC.md section 5): MoCo / DenseCL InfoNCE against a queue of negatives.
 
-Home of the op: reference.py (the oracle), ops.py (fake function and autograd of the fused
+Home of the op: reference.py (the oracle), operators.py (fake function and autograd of the fused
 operators), triton.py (Triton kernel), csrc/contrastive/cpu.cpp (C++ CPU kernel).
 """
 from __future__ import annotations
@@ -13,7 +13,7 @@ import torch
 from .._backends import choose_backend, support
 from .._validation import FLOAT_DTYPES, check_same_device, check_tensor, shape_str
 from . import reference
-from .ops import OPERATORS
+from .operators import OPERATORS
 
 __all__ = ["queue_contrastive_loss"]
 

@@ -1,6 +1,6 @@
 """crop_features (SPEC.md section 7): checks and dispatch.
 
-Home of the op: reference.py (the oracle and its exact arithmetic), ops.py (its operators, fake
+Home of the op: reference.py (the oracle and its exact arithmetic), operators.py (its operators, fake
 functions and autograd), triton.py (Triton kernels), csrc/crop/cpu.cpp (C++ kernels). The view
 geometry (boxes in source coordinates, flip then quarter turn) is that of targets/.
 """
@@ -13,7 +13,7 @@ import torch
 from .._backends import choose_backend, support
 from .._validation import FLOAT_DTYPES, check_boxes, check_grid, check_same_device, check_tensor, per_view, shape_str
 from . import reference
-from .ops import OPERATORS
+from .operators import OPERATORS
 
 __all__ = ["crop_features"]
 

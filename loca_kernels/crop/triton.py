@@ -1,5 +1,5 @@
 """Triton kernels of crop_features, defined as the operators loca_kernels::crop_features_triton
-and loca_kernels::crop_features_backward_triton (fake functions and autograd in ops.py).
+and loca_kernels::crop_features_backward_triton (fake functions and autograd in operators.py).
 
 roi_align's bilinear weight of a sample is a product of a weight along y and one along x, and a
 bin averages a rectangular grid of samples, so the pooled map of one channel is A F B^T: F the

@@ -1,6 +1,4 @@
-"""The LOCA loss: patch localisation + patch cluster prediction + mean-entropy regulariser;
-DenseCL's loss head (DenseContrastiveLoss); GTSA's patch-correspondence loss
-(PatchCorrespondenceLoss).
+"""The LOCA loss: patch localisation + patch cluster prediction + mean-entropy regulariser.
 
 As in LOCA's official trainer (google-research/scenic, projects/loca); mean_entropy_over="valid"
 (the default) leaves the patches outside the reference out of the mean-entropy term as well,
@@ -14,13 +12,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._validation import FLOAT_DTYPES, check_same_device, check_tensor, shape_str, values_checkable
-from .contrastive import queue_contrastive_loss
-from .matching import patch_matching
-from .sinkhorn.distributed import sum_over_ranks
-from .targets import gather_at_targets
+from .._validation import FLOAT_DTYPES, check_same_device, check_tensor, shape_str, values_checkable
+from ..distributed import differentiable_sum_over_ranks
+from ..targets import gather_at_targets
 
-__all__ = ["LocaLoss", "DenseContrastiveLoss", "PatchCorrespondenceLoss"]
+__all__ = ["LocaLoss"]
 
 NAME = "LocaLoss"
 MEAN_ENTROPY_OVER = ("valid", "all")
@@ -40,21 +36,6 @@ def _per_patch(logits: torch.Tensor, targets: torch.Tensor, name: str) -> torch.
 def _masked_mean(values: torch.Tensor, valid: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
     # where(), not multiplication: an ignored patch adds exactly 0, even where its value overflowed.
     return torch.where(valid, values, 0.0).sum() / count.clamp_min(1)
-
-
-class _SumOverRanks(torch.autograd.Function):
-    """Sum over the ranks of a group whose backward is the sum over ranks as well: every rank's
-    output depends on every rank's input. (torch.distributed.nn.functional.all_reduce does
-    the same but is deprecated.)"""
-
-    @staticmethod
-    def forward(ctx, local: torch.Tensor, group) -> torch.Tensor:
-        ctx.group = group
-        return sum_over_ranks(local, group)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        return sum_over_ranks(grad.contiguous(), ctx.group), None
 
 
 class LocaLoss(nn.Module):
@@ -168,217 +149,8 @@ class LocaLoss(nn.Module):
         else:
             summed, patches = torch.where(valid.unsqueeze(-1), log_q.exp(), 0.0).sum(dim=(0, 1, 2)), count.reshape(1)
         totals = torch.cat([summed, patches])                                   # (K + 1,)
-        if self.group is not None:
-            totals = _SumOverRanks.apply(totals, self.group)
+        totals = differentiable_sum_over_ranks(totals, self.group)
         mean_prediction = totals[:k] / totals[k].clamp_min(1)
         # Clamped log: an empty mean (or an underflowed prototype) contributes 0, never NaN.
         mean_entropy = (mean_prediction * mean_prediction.clamp_min(torch.finfo(torch.float32).tiny).log()).sum()
         return cluster, mean_entropy
-
-
-def _gather_over_ranks(local: torch.Tensor, group) -> torch.Tensor:
-    """The rows of `local` of every rank of `group`, rank-major (DenseCL's concat_all_gather;
-    no gradient); None: itself."""
-    if group is None:
-        return local
-    parts = [torch.empty_like(local) for _ in range(torch.distributed.get_world_size(group))]
-    torch.distributed.all_gather(parts, local.contiguous(), group=group)
-    return torch.cat(parts)
-
-
-def random_key_queue(dim: int, size: int) -> torch.Tensor:
-    """A (dim, size) queue of random unit keys, columns normalised: MoCo's initial queue."""
-    return F.normalize(torch.randn(dim, size), dim=0)
-
-
-@torch.no_grad()
-def enqueue_keys(queues, queue_ptr: torch.Tensor, keys, group=None) -> None:
-    """MoCo's ring buffer: each (N, D) tensor of `keys`, gathered over `group` (rank-major), is
-    written into columns queue_ptr .. queue_ptr + N - 1 of its (D, K) queue of `queues`, and
-    queue_ptr advances by N modulo K. K must be a multiple of the gathered N (callers check).
-    The pointer stays a tensor: no host synchronisation, traceable."""
-    keys = [_gather_over_ranks(k, group) for k in keys]
-    n = keys[0].shape[0]
-    slots = queue_ptr + torch.arange(n, device=keys[0].device)
-    for queue, k in zip(queues, keys):
-        queue.index_copy_(1, slots, k.t().to(queue.dtype))
-    queue_ptr.copy_((queue_ptr + n) % queues[0].shape[1])
-
-
-class DenseContrastiveLoss(nn.Module):
-    """DenseCL's loss head (Wang et al., CVPR 2021; official code WXinlong/DenseCL,
-    openselfsup/models/densecl.py) with its two queues of negatives:
-
-        total = (1 - dense_weight) * global + dense_weight * dense
-
-    - global: InfoNCE of each image's query vector against its key vector (the positive) and
-      the `queue_size` keys of earlier batches (`queue_global`), as MoCo v2.
-    - dense: InfoNCE of each query patch against one key patch (the positive) and the pooled
-      dense keys of earlier batches (`queue_dense`). The positive of query patch i is the key
-      patch whose backbone feature is most similar (cosine) to query patch i's backbone
-      feature (`patch_matching`, first index on ties).
-    - Both are `queue_contrastive_loss` with `temperature`, averaged over images and over
-      query patches respectively: the (N, K) logits are never built.
-    - After the loss, the key vectors and the pooled dense keys (the mean of each image's
-      un-normalised dense keys, normalised: DenseCL's `k2`) of all ranks of `group` are
-      written into the queues, replacing the oldest (a ring buffer). The queues and their
-      pointer are buffers: they are saved in `state_dict`, and a resumed run goes on with the
-      same negatives.
-
-    Every input is L2-normalised here (DenseCL normalises in its forward); keys get no gradient.
-    The loss reads a snapshot of each queue, as DenseCL's `queue.clone().detach()`, so that
-    writing the new keys cannot change what the backward pass recomputes (2 x dim x queue_size
-    floats, 64 MB at DenseCL's size).
-
-    Args:
-        dim: the projection dim D of the global and dense heads (DenseCL: 128).
-        queue_size: negatives per queue (DenseCL: 65536); a multiple of the global batch
-            (the images of all ranks of a step).
-        temperature: of both InfoNCE terms (DenseCL: 0.2).
-        dense_weight: lambda (DenseCL: 0.5).
-        group: the torch.distributed process group whose keys are enqueued, or None.
-        backend: the backend of queue_contrastive_loss and patch_matching (None: the default).
-
-    forward(query_global, query_dense, key_global, key_dense, query_backbone, key_backbone):
-        query_global, key_global: (B, D) global projections of the two views (student, momentum).
-        query_dense: (B, Sq, D) dense projections of the query view's Sq patches, token-major
-            (a CNN grid (B, D, H, W) is `x.flatten(2).transpose(1, 2)`); key_dense: (B, Sk, D).
-        query_backbone: (B, Sq, C), key_backbone: (B, Sk, C): the backbone features the
-            patches are matched on (DenseCL: ResNet C5; ViT patch tokens).
-        Returns (total, {"global": ..., "dense": ...}), float32 scalars.
-    """
-
-    def __init__(self, dim: int = 128, queue_size: int = 65536, *, temperature: float = 0.2,
-                 dense_weight: float = 0.5, group=None, backend: Optional[str] = None):
-        super().__init__()
-        name = "DenseContrastiveLoss"
-        if dim <= 0 or queue_size <= 0:
-            raise ValueError(f"{name}: dim and queue_size must be positive, got dim={dim}, queue_size={queue_size}")
-        if not temperature > 0:
-            raise ValueError(f"{name}: temperature must be > 0, got {temperature}")
-        if not 0 <= dense_weight <= 1:
-            raise ValueError(f"{name}: dense_weight must be in [0, 1], got {dense_weight}")
-        self.dim, self.queue_size, self.temperature = dim, queue_size, temperature
-        self.dense_weight, self.group, self.backend = dense_weight, group, backend
-        # (D, K) like DenseCL's buffers, read transposed in place by queue_contrastive_loss.
-        self.register_buffer("queue_global", random_key_queue(dim, queue_size))
-        self.register_buffer("queue_dense", random_key_queue(dim, queue_size))
-        self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.int64))
-
-    def extra_repr(self) -> str:
-        return (f"dim={self.dim}, queue_size={self.queue_size}, temperature={self.temperature}, "
-                f"dense_weight={self.dense_weight}")
-
-    def _check(self, inputs: Dict[str, torch.Tensor]) -> None:
-        name = "DenseContrastiveLoss"
-        layouts = {"query_global": "(B, D)", "key_global": "(B, D)", "query_dense": "(B, Sq, D)",
-                   "key_dense": "(B, Sk, D)", "query_backbone": "(B, Sq, C)", "key_backbone": "(B, Sk, C)"}
-        for arg, layout in layouts.items():
-            check_tensor(name, arg, inputs[arg], ndim=layout.count(",") + 1, layout=layout,
-                         dtypes=FLOAT_DTYPES + (torch.float64,))
-        check_same_device(name, list(inputs.items()))
-        q, qd, kd = inputs["query_global"], inputs["query_dense"], inputs["key_dense"]
-        b = q.shape[0]
-        expected = {"query_global": (b, self.dim), "key_global": (b, self.dim),
-                    "query_dense": (b, qd.shape[1], self.dim), "key_dense": (b, kd.shape[1], self.dim),
-                    "query_backbone": (b, qd.shape[1], inputs["query_backbone"].shape[2]),
-                    "key_backbone": (b, kd.shape[1], inputs["query_backbone"].shape[2])}
-        for arg, shape in expected.items():
-            if tuple(inputs[arg].shape) != shape:
-                raise ValueError(f"{name}: {arg} must have shape {layouts[arg]} = {shape} (B={b}, D={self.dim} "
-                                 f"and the patches and channels of the other inputs), got {shape_str(inputs[arg])}")
-
-    def forward(self, query_global: torch.Tensor, query_dense: torch.Tensor, key_global: torch.Tensor,
-                key_dense: torch.Tensor, query_backbone: torch.Tensor, key_backbone: torch.Tensor,
-                ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
-        self._check(dict(query_global=query_global, query_dense=query_dense, key_global=key_global,
-                         key_dense=key_dense, query_backbone=query_backbone, key_backbone=key_backbone))
-        q = F.normalize(query_global, dim=-1)
-        q_dense = F.normalize(query_dense, dim=-1)
-        with torch.no_grad():
-            k = F.normalize(key_global, dim=-1)
-            k_dense = F.normalize(key_dense, dim=-1)
-            k_pooled = F.normalize(key_dense.mean(dim=1), dim=-1)
-            index, _ = patch_matching(query_backbone.detach(), key_backbone.detach(), backend=self.backend)
-            positive = k_dense.gather(1, index.unsqueeze(-1).expand(-1, -1, self.dim))   # (B, Sq, D)
-            # Snapshots in the queries' dtype (the op takes one dtype); `copy=True` even where it matches.
-            queue_global = self.queue_global.to(q.dtype, copy=True)
-            queue_dense = self.queue_dense.to(q_dense.dtype, copy=True)
-        global_term = queue_contrastive_loss(q, k.to(q.dtype), queue_global.t(), temperature=self.temperature,
-                                             backend=self.backend)
-        dense_term = queue_contrastive_loss(q_dense.flatten(0, 1), positive.flatten(0, 1).to(q_dense.dtype),
-                                            queue_dense.t(), temperature=self.temperature, backend=self.backend)
-        self._enqueue(k, k_pooled)
-        total = (1 - self.dense_weight) * global_term + self.dense_weight * dense_term
-        return total, {"global": global_term, "dense": dense_term}
-
-    def _enqueue(self, keys: torch.Tensor, pooled_keys: torch.Tensor) -> None:
-        n = keys.shape[0] * (1 if self.group is None else torch.distributed.get_world_size(self.group))
-        if self.queue_size % n:
-            raise ValueError(f"DenseContrastiveLoss: queue_size={self.queue_size} must be a multiple of the global "
-                             f"batch (the images of all ranks of a step), got {n}")
-        enqueue_keys((self.queue_global, self.queue_dense), self.queue_ptr, (keys, pooled_keys), self.group)
-
-
-class PatchCorrespondenceLoss(nn.Module):
-    """GTSA's patch-correspondence term (github bok3948/GTSA, model_pretrain/gtsa.py) on B
-    (student, teacher) pairs of patch-feature maps.
-
-    Each student patch is matched to the teacher patch of highest cosine similarity, and each
-    teacher patch to the student patch of highest cosine (`patch_matching`, both ways, from the
-    features given: GTSA matches the same projected features the loss compares). In each
-    direction the `num_matches` best-matched patches of every image are kept (the highest
-    similarities) and the loss is minus their cosine, averaged over images and kept patches:
-
-        loss = 0.5 * (-mean topk(sim_student_to_teacher) - mean topk(sim_teacher_to_student))
-
-    As GTSA, the teacher is detached (no gradient flows into it), and the matching (argmax,
-    top-k choice) passes no gradient: the student's gradient comes through the kept cosines. The
-    kept pairs' cosine is the matched similarity itself (GTSA recomputes it with
-    nn.CosineSimilarity, whose eps of 1e-8 differs only for near-zero vectors); which of
-    exactly equal similarities top-k keeps is unspecified, as GTSA's sort.
-
-    GTSA averages this term over every (teacher view, other student view) pair: pairs of one
-    shape concatenated along B give that average directly. Its defaults: 98 of 196 matches for
-    global (14 x 14) students, 18 for local (6 x 6) students against a 14 x 14 teacher.
-
-    Args:
-        num_matches: M, the pairs kept per image in each direction; at most the number of
-            patches of the student and of the teacher.
-        backend: the `patch_matching` backend (None: the fastest available).
-
-    forward(student, teacher): (B, Ns, C) and (B, Nt, C) patch features, one dtype and
-    device. Returns the loss, a float32 scalar (float64 for float64 inputs). No host
-    synchronisation and no loop over the batch: torch.compile(fullgraph=True) traces it.
-    """
-
-    def __init__(self, num_matches: int, *, backend: Optional[str] = None):
-        super().__init__()
-        name = type(self).__name__
-        if isinstance(num_matches, bool) or not isinstance(num_matches, int):
-            raise TypeError(f"{name}: num_matches must be an int, got {type(num_matches).__name__}")
-        if num_matches < 1:
-            raise ValueError(f"{name}: num_matches must be >= 1, got {num_matches}")
-        self.num_matches = num_matches
-        self.backend = backend
-
-    def forward(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
-        name = type(self).__name__
-        check_tensor(name, "student", student, ndim=3, layout="(B, Ns, C)", dtypes=FLOAT_DTYPES + (torch.float64,))
-        check_tensor(name, "teacher", teacher, ndim=3, layout="(B, Nt, C)")
-        if teacher.dtype != student.dtype:
-            raise TypeError(f"{name}: teacher must have the student's dtype {student.dtype}, got {teacher.dtype}")
-        (b, _, c), (bt, _, ct) = student.shape, teacher.shape
-        if (bt, ct) != (b, c):
-            raise ValueError(f"{name}: teacher must be (B, Nt, C) with the student's B={b} and C={c}, "
-                             f"got shape {shape_str(teacher)}")
-        fewest = min(student.shape[1], teacher.shape[1])
-        if self.num_matches > fewest:
-            raise ValueError(f"{name}: num_matches={self.num_matches} is larger than the patches of the student "
-                             f"{shape_str(student)} or the teacher {shape_str(teacher)}; expected at most {fewest}")
-        teacher = teacher.detach()
-        _, student_to_teacher = patch_matching(student, teacher, backend=self.backend)
-        _, teacher_to_student = patch_matching(teacher, student, backend=self.backend)
-        kept_student = student_to_teacher.topk(self.num_matches, dim=1, sorted=False).values
-        kept_teacher = teacher_to_student.topk(self.num_matches, dim=1, sorted=False).values
-        return -0.5 * (kept_student.mean() + kept_teacher.mean())

@@ -1,6 +1,6 @@
 """patch_matching (SPEC.md section 6): checks, backend choice, one fused call.
 
-Home of the op: reference.py (the oracle), ops.py (fake functions and autograd of the fused
+Home of the op: reference.py (the oracle), operators.py (fake functions and autograd of the fused
 operators), triton.py (Triton kernels), csrc/matching/ (C++ CPU kernel).
 """
 from __future__ import annotations
@@ -12,7 +12,7 @@ import torch
 from .._backends import choose_backend, support
 from .._validation import FLOAT_DTYPES, check_same_device, check_tensor, shape_str
 from . import reference
-from .ops import OPERATORS
+from .operators import OPERATORS
 
 __all__ = ["patch_matching"]
 

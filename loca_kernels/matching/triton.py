@@ -1,6 +1,6 @@
 """Triton kernels of patch_matching, defined as the operators loca_kernels::patch_matching_triton
 and loca_kernels::patch_matching_backward_triton (same arguments as the C++ pair in csrc/ops.cpp;
-fake functions and autograd in ops.py).
+fake functions and autograd in operators.py).
 
 Forward: one program per (batch element, block of rows of a) loops over tiles of rows of b. As
 the reference, rows are normalised in float32 (x / max(|x|, eps), a correctly rounded division)

@@ -1,8 +1,8 @@
 """sinkhorn (SPEC.md section 4): balanced soft assignment of samples to prototypes.
 
 Home of the op: reference.py (the oracle, log domain), fused.py (the streaming driver over one
-backend's pass operator), distributed.py (sums over the ranks of a group), ops.py (the pass
-operators and their fake function). The pass operator: csrc/sinkhorn/cpu.cpp (C++),
+backend's pass operator), operators.py (the pass operators and their fake function); sums over
+the ranks of a group come from loca_kernels/distributed.py. The pass operator: csrc/sinkhorn/cpu.cpp (C++),
 csrc/sinkhorn/kernels.cu (CUDA), triton.py (Triton).
 """
 from __future__ import annotations
@@ -14,7 +14,7 @@ import torch
 from .._backends import choose_backend, support
 from .._validation import FLOAT_DTYPES, check_tensor, shape_str
 from . import fused, reference
-from .ops import OPERATORS
+from .operators import OPERATORS
 
 __all__ = ["sinkhorn"]
 

@@ -28,7 +28,7 @@ import math
 
 import torch
 
-from .distributed import logsumexp_over_ranks, max_over_ranks, sum_over_ranks
+from ..distributed import logsumexp_over_ranks, max_over_ranks, sum_over_ranks
 
 # A column sum at least N * 2^-100 is exact to ~2e-8 relative although terms below 2^-125
 # were flushed to zero; below that, pass 0 is redone in the log domain.

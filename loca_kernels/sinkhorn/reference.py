@@ -10,7 +10,7 @@ import math
 
 import torch
 
-from .distributed import logsumexp_over_ranks, rows_over_ranks
+from ..distributed import logsumexp_over_ranks, rows_over_ranks
 
 
 @torch.no_grad()

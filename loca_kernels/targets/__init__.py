@@ -1,8 +1,10 @@
-"""relative_position_targets (SPEC.md section 3) and gather_at_targets: checks and dispatch.
+"""relative_position_targets (SPEC.md section 3) and gather_at_targets (section 3.1): checks and
+dispatch.
 
-Home of the op: reference.py (the oracle and its exact arithmetic), ops.py (its operators
-and fake functions), triton.py (Triton kernel), csrc/targets/ (C++ and CUDA kernels),
-geometry.py (LOCA view sampling).
+Home of the op: reference.py (the oracle and its exact arithmetic, and gather_at_targets, whose
+plain PyTorch is its only backend), operators.py (its operators and fake functions), triton.py
+(Triton kernel), csrc/targets/ (C++ and CUDA kernels). The view sampling that makes the boxes is
+loca_kernels/geometry.py.
 """
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ from .._backends import choose_backend, support
 from .._validation import (check_boxes, check_grid, check_same_device, check_tensor, per_view, shape_str,
                            values_checkable)
 from . import reference
-from .ops import OPERATORS
+from .operators import OPERATORS
 
 __all__ = ["relative_position_targets", "gather_at_targets"]
 
@@ -108,11 +110,4 @@ def gather_at_targets(values: torch.Tensor, targets: torch.Tensor, *, ignore_ind
     if targets.dtype.is_floating_point or targets.dtype == torch.bool:
         raise TypeError(f"{op}: targets must be an integer tensor, got {targets.dtype}")
     check_same_device(op, [("values", values), ("targets", targets)])
-    ignored = targets == ignore_index
-    index = torch.where(ignored, torch.zeros_like(targets), targets).long().reshape(targets.shape[0], -1)
-    if values.dim() == 2:
-        taken = values.gather(1, index).reshape(targets.shape)
-        return taken.masked_fill(ignored, fill)
-    taken = values.gather(1, index[..., None].expand(-1, -1, values.shape[2]))
-    taken = taken.reshape(*targets.shape, values.shape[2])
-    return taken.masked_fill(ignored[..., None], fill)
+    return reference.gather_at_targets(values, targets, ignore_index, fill)

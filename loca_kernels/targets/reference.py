@@ -89,3 +89,16 @@ def relative_position_targets(query_boxes, ref_boxes, query_grid, ref_grid, quer
         target = torch.where(inside, row * wr + col, torch.full_like(col, ignore_index))
         out = torch.where(sel[..., None, None], target, out)
     return out.reshape(b, v, hq * wq)
+
+
+def gather_at_targets(values: torch.Tensor, targets: torch.Tensor, ignore_index: int, fill: float) -> torch.Tensor:
+    """values[b, targets[b, ...]] (values (B, Nr) or (B, Nr, K), targets (B, Nq) or (B, V, Nq)),
+    `fill` where targets == ignore_index: one gather, no (B, V, Nq, Nr) tensor."""
+    ignored = targets == ignore_index
+    index = torch.where(ignored, torch.zeros_like(targets), targets).long().reshape(targets.shape[0], -1)
+    if values.dim() == 2:
+        taken = values.gather(1, index).reshape(targets.shape)
+        return taken.masked_fill(ignored, fill)
+    taken = values.gather(1, index[..., None].expand(-1, -1, values.shape[2]))
+    taken = taken.reshape(*targets.shape, values.shape[2])
+    return taken.masked_fill(ignored[..., None], fill)

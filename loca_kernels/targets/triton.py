@@ -1,5 +1,5 @@
 """Triton kernel of relative_position_targets, defined as the operator
-loca_kernels::relative_position_targets_triton (fake function in ops.py): one program per
+loca_kernels::relative_position_targets_triton (fake function in operators.py): one program per
 query view, one lane per patch, the reference's float64 arithmetic in the same order (FMA
 fusion off; float64 division lowers to the correctly rounded div.rn.f64), so that the result
 is identical element for element. Rule "scenic" (SCENIC) rounds TF's float32 nearest-neighbour

@@ -1,7 +1,7 @@
 """`python -m loca_train.export --run-dir R [--output F] [--format plain|timm] [--image-size N]`:
 the teacher's encoder of a run (the network LOCA keeps for downstream tasks) as a state_dict.
 
-plain: this package's Encoder keys (load into loca_train.model.Encoder). timm: timm's
+plain: this package's Encoder keys (load into loca_train.networks.Encoder). timm: timm's
 VisionTransformer keys (vit_small_patch16_224 for the vit_s16 preset, vit_base_patch16_224 for
 vit_b16), loadable with `timm.create_model(name, num_classes=0).load_state_dict(state)`.
 LOCA's ViT has no class token: the exported cls_token and its positional embedding are
@@ -17,7 +17,7 @@ import torch
 
 from . import checkpoint
 from .config import PRESETS, Config, Parser, config_from_dict, usage_error
-from .model import resize_pos_embed
+from .networks import resize_pos_embed
 
 FORMATS = ("plain", "timm")
 # timm models of the presets (the architecture fields must match the preset's).
@@ -81,7 +81,7 @@ def main(argv=None) -> int:
     state = checkpoint.load(path)
     cfg = config_from_dict(state["config"])
     encoder = teacher_encoder(state)
-    how = "loca_train.model.Encoder(config)"
+    how = "loca_train.networks.Encoder(config)"
     if args.format == "timm":
         image_size = args.image_size or cfg.image_size
         if image_size <= 0 or image_size % cfg.patch_size:

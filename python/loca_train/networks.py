@@ -1,9 +1,14 @@
-"""The LOCA network: a ViT encoder (no class token) with a clustering head, and the query branch
-(one cross-attention block to the reference tokens, then the position predictor).
+"""The trainer's networks: the ViT encoder every objective shares (no class token), the EMA
+teacher, and each objective's student network (encoder + that objective's heads).
 
-The student runs everything on the query views; the EMA teacher, a copy of the same network,
-encodes the reference view and gives its tokens (the cross-attention's keys and values) and
-its prototype scores (the Sinkhorn targets).
+- LocaNet: a clustering head, and the query branch (one cross-attention block to the reference
+  tokens, then the position predictor). The student runs everything on the query views; the
+  EMA teacher, a copy of the same network, encodes the reference view and gives its tokens (the
+  cross-attention's keys and values) and its prototype scores (the Sinkhorn targets).
+- DenseCLNet: a global and a dense projection head (DenseCL's neck).
+- GTSANet: GTSA's conv projector and predictor, and the rotation predictor.
+- MMCNet: a mask token, a pixel decoder, a distillation head and a contrast head.
+Each objective's module (objectives/) says where its network's choices come from.
 """
 from __future__ import annotations
 
@@ -14,7 +19,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from loca_kernels.modules import LAYER_NORM_EPS, ClusteringHead, CrossAttentionBlock, PositionPredictor
+from loca_kernels.modules import (LAYER_NORM_EPS, ClusteringHead, CrossAttentionBlock, PositionPredictor,
+                                  RotationPredictor)
 
 from .config import Config
 
@@ -199,3 +205,125 @@ def init_weights(module: nn.Module) -> None:
         nn.init.trunc_normal_(module.weight, std=0.02)
         if module.bias is not None:
             nn.init.zeros_(module.bias)
+
+
+# DenseCL's neck.
+def _mlp(dim: int, out: int) -> nn.Sequential:
+    # DenseCLNeck: hidden width = input width (2048 for C5), ReLU between.
+    return nn.Sequential(nn.Linear(dim, dim), nn.ReLU(), nn.Linear(dim, out))
+
+
+class DenseCLNet(nn.Module):
+    """Encoder + global head + dense head. forward(views) -> (patch tokens (B, N, dim), global
+    projections (B, D), dense projections (B, N, D)); the teacher runs the same forward."""
+
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.encoder = Encoder(cfg)
+        self.global_head = _mlp(cfg.embed_dim, cfg.projection_dim)
+        self.dense_head = _mlp(cfg.embed_dim, cfg.projection_dim)
+        self.apply(init_weights)
+
+    def forward(self, views: torch.Tensor):
+        tokens = self.encoder(views)
+        return tokens, self.global_head(tokens.mean(dim=1)), self.dense_head(tokens)
+
+
+# GTSA's heads.
+class _ChannelNorm(nn.Module):
+    """LayerNorm over the channels of (N, C, h, w), without affine parameters (GTSA's
+    TransposeLast + LayerNorm(elementwise_affine=False) + TransposeLast)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(x.movedim(1, -1), x.shape[1:2]).movedim(-1, 1)
+
+
+class ConvHead(nn.Module):
+    """GTSA's Projector (residual=True, 2 blocks) and Predictor (residual=False, 1 block):
+    blocks of 3x3 conv, channel LayerNorm, GELU, then a 1x1 conv to `out`. Conv weights
+    N(0, 0.02), zero biases, as GTSA initialises them."""
+
+    def __init__(self, dim: int, hidden: int, out: int, blocks: int, residual: bool):
+        super().__init__()
+        self.blocks = nn.ModuleList(
+            nn.Sequential(nn.Conv2d(dim if i == 0 else hidden, hidden, 3, padding=1), _ChannelNorm(), nn.GELU())
+            for i in range(blocks))
+        self.proj = nn.Conv2d(hidden, out, 1)
+        self.residual = residual
+        for conv in [block[0] for block in self.blocks] + [self.proj]:
+            nn.init.normal_(conv.weight, std=0.02)
+            nn.init.zeros_(conv.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            y = block(x)
+            x = x + y if self.residual and y.shape == x.shape else y
+        return self.proj(x)
+
+
+def _grid(tokens: torch.Tensor) -> torch.Tensor:
+    """(N, h * w, C) raster-order tokens of a square grid -> (N, C, h, w)."""
+    side = int(round(tokens.shape[1] ** 0.5))
+    return tokens.transpose(1, 2).unflatten(2, (side, side))
+
+
+class GTSANet(nn.Module):
+    """Encoder, projector, predictor and rotation predictor.
+
+    forward(global_views (2B, 3, S, S), local_views (L B, 3, s, s)) -> (global maps (2B, D, g, g)
+    and local maps (L B, D, l, l) after projector and predictor, rotation logits ((2 + L) B, 4)).
+    target_maps(global_views) -> the projector's maps (2B, D, g, g): the teacher's side."""
+
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.encoder = Encoder(cfg)
+        self.projector = ConvHead(cfg.embed_dim, cfg.embed_dim, cfg.projection_dim, blocks=2, residual=True)
+        self.predictor = ConvHead(cfg.projection_dim, cfg.projection_dim, cfg.projection_dim, blocks=1,
+                                  residual=False)
+        self.rotation_head = RotationPredictor(cfg.embed_dim, hidden_dim=cfg.head_hidden_dim,
+                                               bottleneck_dim=cfg.head_bottleneck_dim)
+        self.encoder.apply(init_weights)
+        self.rotation_head.apply(init_weights)
+
+    def forward(self, global_views: torch.Tensor, local_views: torch.Tensor):
+        global_tokens, local_tokens = self.encoder(global_views), self.encoder(local_views)
+        rotation = torch.cat([self.rotation_head(global_tokens), self.rotation_head(local_tokens)])
+        return (self.predictor(self.projector(_grid(global_tokens))),
+                self.predictor(self.projector(_grid(local_tokens))), rotation)
+
+    def target_maps(self, global_views: torch.Tensor) -> torch.Tensor:
+        return self.projector(_grid(self.encoder(global_views)))
+
+
+# MMC's heads.
+class MMCNet(nn.Module):
+    """Encoder, mask token, pixel decoder, distillation head and contrast head.
+
+    forward(global_views (2B, 3, S, S), masks (2B, N), local_views (L B, 3, s, s)) ->
+    (predicted pixels (2B, N, 3 p^2), distillation logits ((2 + L) B, K), contrast queries (2B, D)).
+    targets(global_views) -> (distillation logits (2B, K), contrast keys (2B, D)): the teacher's side.
+    """
+
+    def __init__(self, cfg: Config):
+        super().__init__()
+        dim = cfg.embed_dim
+        self.encoder = Encoder(cfg)
+        self.mask_token = nn.Parameter(torch.zeros(dim))
+        self.decoder = nn.Linear(dim, 3 * cfg.patch_size ** 2)    # SimMIM's one-layer prediction head
+        self.distill_head = ClusteringHead(dim, cfg.num_prototypes, hidden_dim=cfg.head_hidden_dim,
+                                           bottleneck_dim=cfg.head_bottleneck_dim)
+        # MoCo v2's projection: fc-ReLU-fc.
+        self.contrast_head = nn.Sequential(nn.Linear(dim, cfg.head_hidden_dim), nn.ReLU(),
+                                           nn.Linear(cfg.head_hidden_dim, cfg.projection_dim))
+        self.apply(init_weights)
+        nn.init.trunc_normal_(self.mask_token, std=0.02)
+
+    def forward(self, global_views: torch.Tensor, masks: torch.Tensor, local_views: torch.Tensor):
+        global_tokens = self.encoder(global_views, mask=masks, mask_token=self.mask_token)
+        pooled = global_tokens.mean(dim=1)
+        logits = self.distill_head(torch.cat([pooled, self.encoder(local_views).mean(dim=1)]))
+        return self.decoder(global_tokens), logits, self.contrast_head(pooled)
+
+    def targets(self, global_views: torch.Tensor):
+        pooled = self.encoder(global_views).mean(dim=1)
+        return self.distill_head(pooled), self.contrast_head(pooled)

@@ -18,7 +18,7 @@ from . import checkpoint
 from .batches import batch_loader
 from .config import Config, UsageError
 from .images import ImageFolder, open_images
-from .model import ema_teacher
+from .networks import ema_teacher
 from .monitor import KernelTimer, ProgressBar, StepLog, format_duration, kernels_in_words, summary, versions
 from .objectives import objective_of
 from .schedules import lr_factor, teacher_momentum, update_teacher

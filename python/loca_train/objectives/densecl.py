@@ -18,16 +18,15 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
-from torch import nn
 
 from loca_kernels.losses import DenseContrastiveLoss
-from loca_kernels.targets.geometry import sample_boxes, sample_flips
+from loca_kernels.geometry import sample_boxes, sample_flips
 
 from ..config import Config, UsageError
-from ..model import Encoder, init_weights
+from ..networks import DenseCLNet
 from ..sampling import crop_options, sample_jitter, to_device
 from ..views import make_views
-from . import Objective
+from .objective import Objective
 
 # DenseCL's ColorJitter(brightness=0.4, contrast=0.4, saturation=0.4, hue=0.1), applied with p=0.8.
 JITTER_STRENGTH = (0.4, 0.4, 0.4, 0.1)
@@ -56,27 +55,6 @@ def sample_batch(cfg: Config, canvas: torch.Tensor, sizes: torch.Tensor, bad_ima
                  **sample_jitter(2, batch, cfg, g, JITTER_STRENGTH),
                  grayscale=torch.rand(2, batch, generator=g) < cfg.grayscale,
                  bad_images=bad_images)
-
-
-def _mlp(dim: int, out: int) -> nn.Sequential:
-    # DenseCLNeck: hidden width = input width (2048 for C5), ReLU between.
-    return nn.Sequential(nn.Linear(dim, dim), nn.ReLU(), nn.Linear(dim, out))
-
-
-class DenseCLNet(nn.Module):
-    """Encoder + global head + dense head. forward(views) -> (patch tokens (B, N, dim), global
-    projections (B, D), dense projections (B, N, D)); the teacher runs the same forward."""
-
-    def __init__(self, cfg: Config):
-        super().__init__()
-        self.encoder = Encoder(cfg)
-        self.global_head = _mlp(cfg.embed_dim, cfg.projection_dim)
-        self.dense_head = _mlp(cfg.embed_dim, cfg.projection_dim)
-        self.apply(init_weights)
-
-    def forward(self, views: torch.Tensor):
-        tokens = self.encoder(views)
-        return tokens, self.global_head(tokens.mean(dim=1)), self.dense_head(tokens)
 
 
 def make_criterion(cfg: Config, group, world_size: int) -> DenseContrastiveLoss:

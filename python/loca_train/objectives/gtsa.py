@@ -34,14 +34,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from loca_kernels import PatchCorrespondenceLoss, RotationPredictor, crop_features
-from loca_kernels.targets.geometry import intersection_boxes, sample_boxes, sample_rotations
+from loca_kernels import PatchCorrespondenceLoss, crop_features
+from loca_kernels.geometry import intersection_boxes, sample_boxes, sample_rotations
 
 from ..config import Config
-from ..model import Encoder, init_weights
+from ..networks import GTSANet
 from ..sampling import crop_options, sample_jitter, to_device
 from ..views import make_views, rotate_views
-from . import Objective
+from .objective import Objective
 
 # GTSATransforms: ColorJitter(0.8 s, 0.8 s, 0.8 s, 0.2 s) with jitter_strength s = 1, p = 0.8.
 JITTER_STRENGTH = (0.8, 0.8, 0.8, 0.2)
@@ -80,73 +80,8 @@ def sample_batch(cfg: Config, canvas: torch.Tensor, sizes: torch.Tensor, bad_ima
                  bad_images=bad_images)
 
 
-class _ChannelNorm(nn.Module):
-    """LayerNorm over the channels of (N, C, h, w), without affine parameters (GTSA's
-    TransposeLast + LayerNorm(elementwise_affine=False) + TransposeLast)."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.layer_norm(x.movedim(1, -1), x.shape[1:2]).movedim(-1, 1)
-
-
-class ConvHead(nn.Module):
-    """GTSA's Projector (residual=True, 2 blocks) and Predictor (residual=False, 1 block):
-    blocks of 3x3 conv, channel LayerNorm, GELU, then a 1x1 conv to `out`. Conv weights
-    N(0, 0.02), zero biases, as GTSA initialises them."""
-
-    def __init__(self, dim: int, hidden: int, out: int, blocks: int, residual: bool):
-        super().__init__()
-        self.blocks = nn.ModuleList(
-            nn.Sequential(nn.Conv2d(dim if i == 0 else hidden, hidden, 3, padding=1), _ChannelNorm(), nn.GELU())
-            for i in range(blocks))
-        self.proj = nn.Conv2d(hidden, out, 1)
-        self.residual = residual
-        for conv in [block[0] for block in self.blocks] + [self.proj]:
-            nn.init.normal_(conv.weight, std=0.02)
-            nn.init.zeros_(conv.bias)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for block in self.blocks:
-            y = block(x)
-            x = x + y if self.residual and y.shape == x.shape else y
-        return self.proj(x)
-
-
-def _grid(tokens: torch.Tensor) -> torch.Tensor:
-    """(N, h * w, C) raster-order tokens of a square grid -> (N, C, h, w)."""
-    side = int(round(tokens.shape[1] ** 0.5))
-    return tokens.transpose(1, 2).unflatten(2, (side, side))
-
-
 def _tokens(maps: torch.Tensor) -> torch.Tensor:
     return maps.flatten(2).transpose(1, 2)
-
-
-class GTSANet(nn.Module):
-    """Encoder, projector, predictor and rotation predictor.
-
-    forward(global_views (2B, 3, S, S), local_views (L B, 3, s, s)) -> (global maps (2B, D, g, g)
-    and local maps (L B, D, l, l) after projector and predictor, rotation logits ((2 + L) B, 4)).
-    target_maps(global_views) -> the projector's maps (2B, D, g, g): the teacher's side."""
-
-    def __init__(self, cfg: Config):
-        super().__init__()
-        self.encoder = Encoder(cfg)
-        self.projector = ConvHead(cfg.embed_dim, cfg.embed_dim, cfg.projection_dim, blocks=2, residual=True)
-        self.predictor = ConvHead(cfg.projection_dim, cfg.projection_dim, cfg.projection_dim, blocks=1,
-                                  residual=False)
-        self.rotation_head = RotationPredictor(cfg.embed_dim, hidden_dim=cfg.head_hidden_dim,
-                                               bottleneck_dim=cfg.head_bottleneck_dim)
-        self.encoder.apply(init_weights)
-        self.rotation_head.apply(init_weights)
-
-    def forward(self, global_views: torch.Tensor, local_views: torch.Tensor):
-        global_tokens, local_tokens = self.encoder(global_views), self.encoder(local_views)
-        rotation = torch.cat([self.rotation_head(global_tokens), self.rotation_head(local_tokens)])
-        return (self.predictor(self.projector(_grid(global_tokens))),
-                self.predictor(self.projector(_grid(local_tokens))), rotation)
-
-    def target_maps(self, global_views: torch.Tensor) -> torch.Tensor:
-        return self.projector(_grid(self.encoder(global_views)))
 
 
 def make_criterion(cfg: Config, group, world_size: int) -> nn.ModuleDict:

@@ -13,13 +13,13 @@ import torch
 
 from loca_kernels import KeepRun, consecutive_keep, random_keep, relative_position_targets, sinkhorn
 from loca_kernels.losses import LocaLoss
-from loca_kernels.targets.geometry import sample_boxes, sample_flips
+from loca_kernels.geometry import sample_boxes, sample_flips
 
 from ..config import Config
-from ..model import LocaNet
+from ..networks import LocaNet
 from ..sampling import crop_options, sample_jitter, to_device
 from ..views import make_views
-from . import Objective
+from .objective import Objective
 
 
 class Batch(NamedTuple):

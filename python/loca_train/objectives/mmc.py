@@ -32,19 +32,15 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
-from torch import nn
 
-from loca_kernels import ClusteringHead, queue_contrastive_loss
-from loca_kernels.losses import enqueue_keys, random_key_queue
-from loca_kernels.sinkhorn.distributed import sum_over_ranks
-from loca_kernels.targets.geometry import sample_boxes, sample_flips
+from loca_kernels import MMCLoss
+from loca_kernels.geometry import sample_boxes, sample_flips
 
 from ..config import Config, UsageError
-from ..model import Encoder, init_weights
+from ..networks import MMCNet
 from ..sampling import crop_options, sample_jitter, to_device
 from ..views import make_views
-from . import Objective
+from .objective import Objective
 
 
 class Batch(NamedTuple):
@@ -81,88 +77,9 @@ def sample_batch(cfg: Config, canvas: torch.Tensor, sizes: torch.Tensor, bad_ima
                  bad_images=bad_images)
 
 
-class MMCNet(nn.Module):
-    """Encoder, mask token, pixel decoder, distillation head and contrast head.
-
-    forward(global_views (2B, 3, S, S), masks (2B, N), local_views (L B, 3, s, s)) ->
-    (predicted pixels (2B, N, 3 p^2), distillation logits ((2 + L) B, K), contrast queries (2B, D)).
-    targets(global_views) -> (distillation logits (2B, K), contrast keys (2B, D)): the teacher's side.
-    """
-
-    def __init__(self, cfg: Config):
-        super().__init__()
-        dim = cfg.embed_dim
-        self.encoder = Encoder(cfg)
-        self.mask_token = nn.Parameter(torch.zeros(dim))
-        self.decoder = nn.Linear(dim, 3 * cfg.patch_size ** 2)    # SimMIM's one-layer prediction head
-        self.distill_head = ClusteringHead(dim, cfg.num_prototypes, hidden_dim=cfg.head_hidden_dim,
-                                           bottleneck_dim=cfg.head_bottleneck_dim)
-        # MoCo v2's projection: fc-ReLU-fc.
-        self.contrast_head = nn.Sequential(nn.Linear(dim, cfg.head_hidden_dim), nn.ReLU(),
-                                           nn.Linear(cfg.head_hidden_dim, cfg.projection_dim))
-        self.apply(init_weights)
-        nn.init.trunc_normal_(self.mask_token, std=0.02)
-
-    def forward(self, global_views: torch.Tensor, masks: torch.Tensor, local_views: torch.Tensor):
-        global_tokens = self.encoder(global_views, mask=masks, mask_token=self.mask_token)
-        pooled = global_tokens.mean(dim=1)
-        logits = self.distill_head(torch.cat([pooled, self.encoder(local_views).mean(dim=1)]))
-        return self.decoder(global_tokens), logits, self.contrast_head(pooled)
-
-    def targets(self, global_views: torch.Tensor):
-        pooled = self.encoder(global_views).mean(dim=1)
-        return self.distill_head(pooled), self.contrast_head(pooled)
-
-
 def patch_pixels(views: torch.Tensor, patch: int) -> torch.Tensor:
     """(N, 3, S, S) -> (N, (S / p)^2, 3 p^2): each patch's values, patches in raster order."""
     return views.unfold(2, patch, patch).unfold(3, patch, patch).permute(0, 2, 3, 1, 4, 5).flatten(3).flatten(1, 2)
-
-
-class MMCLoss(nn.Module):
-    """The three MMC terms (module docstring); buffers `center` (K,), `queue` (D, queue_size)
-    and `queue_ptr` are the state a resumed run continues from.
-
-    forward(pixels, target_pixels, masks, student_logits, teacher_logits, queries, keys) with
-    pixels, target_pixels (2B, N, 3 p^2), masks (2B, N) bool, student_logits ((2 + L) B, K),
-    teacher_logits (2B, K), queries and keys (2B, D), views major. Returns (total, terms)."""
-
-    def __init__(self, cfg: Config, group=None):
-        super().__init__()
-        self.cfg, self.group = cfg, group
-        self.register_buffer("center", torch.zeros(cfg.num_prototypes))
-        self.register_buffer("queue", random_key_queue(cfg.projection_dim, cfg.queue_size))
-        self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.int64))
-
-    def forward(self, pixels, target_pixels, masks, student_logits, teacher_logits, queries, keys):
-        cfg, b = self.cfg, queries.shape[0] // 2
-        error = (pixels.float() - target_pixels.float()).abs().mean(dim=-1)
-        mim = torch.where(masks, error, 0.0).sum() / masks.sum().clamp_min(1)
-
-        targets = F.softmax((teacher_logits.float() - self.center) / cfg.teacher_temperature, dim=-1)
-        log_p = F.log_softmax(student_logits.float() / cfg.student_temperature, dim=-1)
-        cross = -torch.einsum("tbk,vbk->tvb", targets.unflatten(0, (2, b)), log_p.unflatten(0, (-1, b))).mean(-1)
-        same_view = torch.eye(2, log_p.shape[0] // b, dtype=torch.bool, device=cross.device)
-        distill = torch.where(same_view, 0.0, cross).sum() / (cross.numel() - 2)
-
-        queries = F.normalize(queries.float(), dim=-1)
-        with torch.no_grad():
-            keys = F.normalize(keys.float(), dim=-1)
-            queue = self.queue.clone()
-        positives = keys.unflatten(0, (2, b)).flip(0).flatten(0, 1)            # the other global view's key
-        contrast = queue_contrastive_loss(queries, positives, queue.t(), temperature=cfg.contrast_temperature,
-                                          backend=cfg.backend)
-        self._update(teacher_logits.detach().float(), keys)
-        total = cfg.mim_weight * mim + cfg.distill_weight * distill + cfg.contrast_weight * contrast
-        return total, {"mim": mim, "distill": distill, "contrast": contrast}
-
-    @torch.no_grad()
-    def _update(self, teacher_logits: torch.Tensor, keys: torch.Tensor) -> None:
-        totals = torch.cat([teacher_logits.sum(dim=0), teacher_logits.new_full((1,), teacher_logits.shape[0])])
-        if self.group is not None:
-            totals = sum_over_ranks(totals, self.group)
-        self.center.lerp_(totals[:-1] / totals[-1], 1 - self.cfg.center_momentum)
-        enqueue_keys((self.queue,), self.queue_ptr, (keys,), self.group)
 
 
 def make_criterion(cfg: Config, group, world_size: int) -> MMCLoss:
@@ -170,7 +87,11 @@ def make_criterion(cfg: Config, group, world_size: int) -> MMCLoss:
     if cfg.queue_size % keys:
         raise UsageError(f"queue_size={cfg.queue_size} must be a multiple of the keys of a step, {keys} (2 global "
                          f"views x batch_size {cfg.batch_size} x {world_size} processes)")
-    return MMCLoss(cfg, group)
+    return MMCLoss(cfg.num_prototypes, cfg.projection_dim, cfg.queue_size,
+                   student_temperature=cfg.student_temperature, teacher_temperature=cfg.teacher_temperature,
+                   contrast_temperature=cfg.contrast_temperature, center_momentum=cfg.center_momentum,
+                   mim_weight=cfg.mim_weight, distill_weight=cfg.distill_weight,
+                   contrast_weight=cfg.contrast_weight, group=group, backend=cfg.backend)
 
 
 def mmc_forward(student, teacher_fn, criterion: MMCLoss, batch: Batch, cfg: Config, step: int, group=None):
