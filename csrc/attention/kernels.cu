@@ -91,20 +91,25 @@ __device__ inline float quad_sum(float x) {
   return x + __shfl_xor_sync(kFullMask, x, 2);
 }
 
+// d += a * b for one mma.m16n8k16 with float accumulators and 16-bit operands of PTX type `ab`
+// ("f16" or "bf16"): the one place the instruction is written, for both element types below.
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+#define LOCA_MMA_M16N8K16(ab, d, a, b0, b1)                                                      \
+  asm volatile("mma.sync.aligned.m16n8k16.row.col.f32." ab "." ab ".f32 {%0,%1,%2,%3}, "        \
+               "{%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"                                        \
+               : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])                                  \
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1))
+#else
+// bind_cuda.cpp refuses devices below compute capability 8.0
+#define LOCA_MMA_M16N8K16(ab, d, a, b0, b1) __trap()
+#endif
+
 // 16-bit element types, handled as raw bits in memory.
 struct Half {
   static __device__ float to_float(uint16_t x) { return __half2float(__ushort_as_half(x)); }
   static __device__ uint16_t from_float(float x) { return __half_as_ushort(__float2half_rn(x)); }
   static __device__ void mma(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
-        "{%8,%9}, {%0,%1,%2,%3};\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-#else
-    __trap();  // bind_cuda.cpp refuses devices below compute capability 8.0
-#endif
+    LOCA_MMA_M16N8K16("f16", d, a, b0, b1);
   }
 };
 
@@ -112,15 +117,7 @@ struct BFloat16 {
   static __device__ float to_float(uint16_t x) { return __bfloat162float(__ushort_as_bfloat16(x)); }
   static __device__ uint16_t from_float(float x) { return __bfloat16_as_ushort(__float2bfloat16_rn(x)); }
   static __device__ void mma(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
-        "{%8,%9}, {%0,%1,%2,%3};\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-#else
-    __trap();
-#endif
+    LOCA_MMA_M16N8K16("bf16", d, a, b0, b1);
   }
 };
 
