@@ -231,7 +231,7 @@ def test_bad_inputs_are_named_before_any_layer_runs(name, inputs, kind, match, m
     # The module's own check must fire first: no projection, norm or matching runs.
     for layer in (nn.Linear, nn.LayerNorm):
         monkeypatch.setattr(layer, "forward", fail)
-    monkeypatch.setattr(loca_kernels.losses, "patch_matching", fail)
+    monkeypatch.setattr(loca_kernels.losses.gtsa, "patch_matching", fail)   # the matching of PatchCorrespondenceLoss
     with pytest.raises(kind, match=match):
         module(*[_bad_input(spec) for spec in inputs])
 
