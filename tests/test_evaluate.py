@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from loca_train import __main__ as cli
 from loca_train import evaluate as ev
+from loca_train.evaluation import data as ev_data, metrics as ev_metrics, probe as ev_probe, runner as ev_runner
 from loca_train import plot, preset
 from loca_train.images import IGNORE_LABEL, SCENE_CLASSES, ProceduralImages, SegmentationFolder
 from test_train import MICRO, _cli_args, _records
@@ -48,7 +49,7 @@ def test_later_shapes_occlude_earlier_ones():
 
 def test_evaluation_split_is_fixed_and_never_trained_on():
     cfg = preset("tiny", **MICRO)
-    split, again = ev.procedural_split(cfg, 6, 4), ev.procedural_split(preset("tiny", **MICRO, seed=5), 6, 4)
+    split, again = ev_data.procedural_split(cfg, 6, 4), ev_data.procedural_split(preset("tiny", **MICRO, seed=5), 6, 4)
     assert split.probe == list(range(6)) and split.test == list(range(6, 10))
     for i in split.probe + split.test:
         assert all(torch.equal(a, b) for a, b in zip(split.dataset.scene(i), again.dataset.scene(i)))
@@ -117,8 +118,8 @@ def test_mask_folder_errors(tmp_path):
 def test_folder_split_is_a_fixed_half(tmp_path):
     images, masks, _ = _segmentation_folder(tmp_path, count=7)
     cfg = preset("tiny", **MICRO)
-    split = ev.folder_split(cfg, str(images), str(masks))
-    again = ev.folder_split(cfg, str(images), str(masks))
+    split = ev_data.folder_split(cfg, str(images), str(masks))
+    again = ev_data.folder_split(cfg, str(images), str(masks))
     assert (split.probe, split.test) == (again.probe, again.test)
     assert len(split.probe) == 3 and sorted(split.probe + split.test) == list(range(7))
 
@@ -141,26 +142,27 @@ def _instances():
 def test_one_hot_instance_features_segment_perfectly():
     instances = _instances()
     features = _one_hot_features(instances)
-    result = ev.prompt_segmentation(features, instances)
+    result = ev_metrics.prompt_segmentation(features, instances)
     assert [object_id for object_id, _ in result.prompts] == [1, 2, 3] and result.skipped == 0
-    assert torch.equal(result.jaccard, torch.ones(3, len(ev.THRESHOLDS)))
-    same, different = ev.region_pair_similarities(features, instances)
+    assert torch.equal(result.jaccard, torch.ones(3, len(ev_metrics.THRESHOLDS)))
+    same, different = ev_metrics.region_pair_similarities(features, instances)
     assert (same == 1).all() and (different == 0).all()
-    assert ev.roc_auc(same, different) == 1.0
+    assert ev_metrics.roc_auc(same, different) == 1.0
 
 
 def test_constant_features_give_chance_auc():
     instances = _instances()
-    same, different = ev.region_pair_similarities(torch.ones(8, 8, 5), instances)
+    same, different = ev_metrics.region_pair_similarities(torch.ones(8, 8, 5), instances)
     assert len(same) + len(different) == 64 * 63 // 2
-    assert ev.roc_auc(same, different) == 0.5
-    assert ev.roc_auc(torch.zeros(3), torch.zeros(0)) != ev.roc_auc(torch.zeros(3), torch.zeros(0))   # nan
+    assert ev_metrics.roc_auc(same, different) == 0.5
+    nan = ev_metrics.roc_auc(torch.zeros(3), torch.zeros(0))
+    assert nan != nan
 
 
 def test_roc_auc_counts_pairs_and_half_ties():
-    assert ev.roc_auc(torch.tensor([1.0, 2.0]), torch.tensor([0.0, 1.5])) == 0.75
-    assert ev.roc_auc(torch.tensor([1.0, 3.0]), torch.tensor([1.0, 2.0])) == 0.625   # (0.5 + 0 + 1 + 1) / 4
-    assert ev.roc_auc(torch.tensor([0.0]), torch.tensor([1.0])) == 0.0
+    assert ev_metrics.roc_auc(torch.tensor([1.0, 2.0]), torch.tensor([0.0, 1.5])) == 0.75
+    assert ev_metrics.roc_auc(torch.tensor([1.0, 3.0]), torch.tensor([1.0, 2.0])) == 0.625   # (0.5 + 0 + 1 + 1) / 4
+    assert ev_metrics.roc_auc(torch.tensor([0.0]), torch.tensor([1.0])) == 0.0
 
 
 def test_jaccard_of_a_wrong_map_and_ignored_pixels():
@@ -171,10 +173,10 @@ def test_jaccard_of_a_wrong_map_and_ignored_pixels():
     features[:2, :4, 1] = 1        # the top half: objects's 4 pixels + 4 background ones
     features[:2, :2, 0] = 0
     features[:2, 2:, 0] = 0
-    jaccard = ev.prompt_segmentation(features, instances).jaccard
+    jaccard = ev_metrics.prompt_segmentation(features, instances).jaccard
     assert torch.allclose(jaccard, torch.full_like(jaccard, 0.5))
     instances[:2, 2:] = IGNORE     # the wrongly predicted pixels are not counted
-    jaccard = ev.prompt_segmentation(features, instances).jaccard
+    jaccard = ev_metrics.prompt_segmentation(features, instances).jaccard
     assert torch.equal(jaccard, torch.ones_like(jaccard))
 
 
@@ -184,16 +186,16 @@ def test_prompt_is_the_patch_deepest_inside_lowest_index_on_ties():
     inside[0:12, 0:16] = True                       # centre rows 2, 6, 10 inside; row 6 deepest
     # Deepest: centres (6, 6) and (6, 10), 6.5 from the nearest pixel centre outside (the image
     # edge, the border at row 12); the lower raster index wins.
-    assert ev.prompt_patch(inside, (4, 4)) == 1 * 4 + 1
+    assert ev_metrics.prompt_patch(inside, (4, 4)) == 1 * 4 + 1
     inside = torch.zeros(16, 16, dtype=torch.bool)
     inside[8:16, 8:16] = True                       # touching the image corner
-    assert ev.prompt_patch(inside, (4, 4)) == 2 * 4 + 2   # centres (10, 10) and (14, 14): 2.5 vs 2.5 tie
+    assert ev_metrics.prompt_patch(inside, (4, 4)) == 2 * 4 + 2   # centres (10, 10) and (14, 14): 2.5 vs 2.5 tie
     inside = torch.zeros(16, 16, dtype=torch.bool)
     inside[3:5, 3:5] = True                          # between patch centres: no prompt
-    assert ev.prompt_patch(inside, (4, 4)) is None
+    assert ev_metrics.prompt_patch(inside, (4, 4)) is None
     instances = inside.to(torch.uint8)
     instances[8:16, 8:16] = 2
-    result = ev.prompt_segmentation(torch.randn(4, 4, 3), instances)
+    result = ev_metrics.prompt_segmentation(torch.randn(4, 4, 3), instances)
     assert result.skipped == 1 and [object_id for object_id, _ in result.prompts] == [2]
 
 
@@ -202,25 +204,25 @@ def test_patch_majority_ignores_255_and_breaks_ties_low():
                            [1, 3, 2, 3],
                            [IGNORE, IGNORE, 4, 0],
                            [IGNORE, IGNORE, 0, 4]], dtype=torch.uint8)
-    assert ev.patch_majority(labels, (2, 2)).tolist() == [[1, 2], [IGNORE, 0]]
+    assert ev_metrics.patch_majority(labels, (2, 2)).tolist() == [[1, 2], [IGNORE, 0]]
 
 
 def test_probe_learns_separable_features_and_miou():
     torch.manual_seed(0)
     labels = torch.randint(0, 3, (300,))
     features = F.one_hot(labels, 3).float() * 2 + 0.1 * torch.randn(300, 3)
-    probe = ev.train_probe(features, labels, 3)
+    probe = ev_probe.train_probe(features, labels, 3)
     assert torch.equal(probe.logits(features).argmax(-1), labels)
     truth = torch.tensor([[0, 1], [2, IGNORE]])
-    confusion = ev.confusion_matrix(torch.tensor([[0, 1], [1, 1]]), truth)
+    confusion = ev_metrics.confusion_matrix(torch.tensor([[0, 1], [1, 1]]), truth)
     assert confusion.sum() == 3 and confusion[2, 1] == 1
-    assert ev.iou_per_class(confusion) == {0: 1.0, 1: 0.5, 2: 0.0}
+    assert ev_metrics.iou_per_class(confusion) == {0: 1.0, 1: 0.5, 2: 0.0}
 
 
 def test_threshold_is_chosen_on_one_half_and_reported_on_the_other():
     selection = [torch.tensor([[0.1 * t for t in range(10)]])]            # best at 0.9
     report = [torch.tensor([[1.0 - 0.1 * t for t in range(10)]])]
-    choice = ev._threshold_choice(selection, report)
+    choice = ev_metrics.threshold_choice(selection, report)
     assert choice["prompt_threshold"] == 0.9 and choice["prompt_jaccard"] == pytest.approx(0.1)
     assert choice["prompt_jaccard_per_threshold"]["0.0"] == 1.0
 
@@ -241,9 +243,9 @@ def test_eval_every_logs_the_metrics_and_draws_no_random_number(run):
     for key in ("eval_prompt_jaccard", "eval_similarity_auc", "eval_similarity_same", "time_eval"):
         assert key in records[1]
     cfg = preset("tiny", **MICRO)
-    encoder = ev.random_init_encoder(cfg)
+    encoder = ev_data.random_init_encoder(cfg)
     state = torch.get_rng_state()
-    ev.training_metrics(encoder, cfg, "cpu", ev.procedural_split(cfg, 4, 2))
+    ev_runner.training_metrics(encoder, cfg, "cpu", ev_data.procedural_split(cfg, 4, 2))
     assert torch.equal(state, torch.get_rng_state())
     torch.manual_seed(cfg.seed)
     from loca_train.networks import LocaNet
@@ -263,7 +265,7 @@ def test_evaluate_command_writes_json_png_and_table(run, tmp_path, capsys):
     assert set(result["metrics"]) == {"pretrained", "random_init", "raw_pixels"}
     for metrics in result["metrics"].values():
         assert 0 <= metrics["probe_miou"] <= 1 and 0 <= metrics["similarity_auc"] <= 1
-        assert metrics["prompt_threshold"] in ev.THRESHOLDS
+        assert metrics["prompt_threshold"] in ev_metrics.THRESHOLDS
         assert len(metrics["prompt_jaccard_per_threshold"]) == 10
     assert result["split"]["probe_images"] == 8 and result["split"]["test_images"] == 4
     assert result["split"]["threshold_selection_images"] == 2 and result["step"] == 3

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from .config import Parser, UsageError, usage_error
-from .evaluate import HEADLINE
+from .evaluation.metrics import HEADLINE
 from .monitor import ACCURACIES
 
 LOG_NAME, FIGURE_NAME = "log.jsonl", "curves.png"

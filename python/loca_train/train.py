@@ -10,17 +10,22 @@ import sys
 import time
 from contextlib import nullcontext
 from pathlib import Path
+from typing import Callable, NamedTuple
 
 import torch
 import torch.distributed as dist
 
+from loca_kernels.distributed import objects_of_ranks
+
 from . import checkpoint
 from .batches import batch_loader
 from .config import Config, UsageError
+from .evaluation.data import procedural_split
+from .evaluation.runner import training_metrics
 from .images import ImageFolder, open_images
-from .networks import ema_teacher
 from .monitor import KernelTimer, ProgressBar, StepLog, format_duration, kernels_in_words, summary, versions
-from .objectives import objective_of
+from .networks import ema_teacher
+from .objectives import Objective, objective_of
 from .schedules import lr_factor, teacher_momentum, update_teacher
 
 # Fields of a step record that measure time: they differ between runs, nothing else may.
@@ -110,15 +115,6 @@ def _optimizer(model: torch.nn.Module, cfg: Config, world_size: int) -> torch.op
                               {"params": no_decay, "weight_decay": 0.0}], lr=lr)
 
 
-def _gather(value, world_size: int) -> list:
-    """`value` of every rank, in rank order."""
-    if world_size == 1:
-        return [value]
-    values = [None] * world_size
-    dist.all_gather_object(values, value)
-    return values
-
-
 def output_dir(cfg: Config) -> Path:
     """cfg.output_dir, else runs/<preset> (LOCA) or runs/<preset>-<objective>."""
     default = cfg.preset if cfg.objective == "loca" else f"{cfg.preset}-{cfg.objective}"
@@ -139,6 +135,29 @@ def _banner(cfg: Config, world_size: int, device: torch.device, images, out: Pat
             f"  output     {out}")
 
 
+@dataclasses.dataclass
+class Run:
+    """What one training run holds: where it runs, its networks, optimiser and loss, and where
+    it stands (the step it starts from, the images skipped so far)."""
+
+    cfg: Config
+    images: object
+    rank: int
+    world_size: int
+    device: torch.device
+    group: object
+    out: Path
+    objective: Objective
+    student: torch.nn.Module
+    teacher: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    criterion: torch.nn.Module
+    start_step: int = 0
+    skipped: set = dataclasses.field(default_factory=set)   # files of images that could not be decoded
+    resolved: dict = dataclasses.field(default_factory=dict)
+
+
 def train(cfg: Config) -> dict:
     """Run (or resume) the training `cfg` describes. Returns the summary (also written to
     <output_dir>/summary.json by rank 0); summary["interrupted"] is the signal that stopped
@@ -146,6 +165,18 @@ def train(cfg: Config) -> dict:
     corrupt image when it is met, unless cfg.skip_bad_images)."""
     t_start = time.perf_counter()
     images = check_run(cfg, int(os.environ.get("WORLD_SIZE", "1")))
+    run = _build(cfg, images)
+    if cfg.resume:
+        _resume(run)
+    _write_config(run)
+    if run.rank == 0:
+        print(_banner(cfg, run.world_size, run.device, images, run.out, run.start_step), flush=True)
+    records, stopped, step = _steps(run)
+    return _finish(run, records, stopped, step, time.perf_counter() - t_start)
+
+
+def _build(cfg: Config, images) -> Run:
+    """Processes, the output folder, and the objective's networks, optimiser and loss."""
     rank, world_size, device, group = _setup_processes(cfg)
     out = output_dir(cfg)
     if rank == 0:
@@ -161,145 +192,190 @@ def train(cfg: Config) -> dict:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(cfg, step))
     criterion = objective.make_criterion(cfg, group, world_size).to(device)
     torch.manual_seed(cfg.seed + 1 + rank)          # each rank its own stochastic-depth draws
+    return Run(cfg, images, rank, world_size, device, group, out, objective, student, teacher, optimizer, scheduler,
+               criterion)
 
-    start_step, skipped = 0, set()                  # skipped: files of images that could not be decoded
-    state = checkpoint.load(out / checkpoint.CHECKPOINT_NAME) if cfg.resume else None
-    if state is not None:
-        if state["world_size"] != world_size:
-            raise UsageError(f"the checkpoint in {out} was written by {state['world_size']} processes, "
-                             f"this run has {world_size}; the data order would differ")
-        written_by = state["config"].get("objective", "loca")
-        if written_by != cfg.objective:
-            raise UsageError(f"--objective {cfg.objective}: the checkpoint in {out} is a {written_by} run")
-        student.load_state_dict(state["student"])
-        teacher.load_state_dict(state["teacher"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        criterion.load_state_dict(state.get("criterion", {}))   # LOCA checkpoints of before: no state
-        checkpoint.set_rng_state(state["rng"][rank])
-        start_step, skipped = state["step"], set(state.get("skipped_images", ()))
-    # The settings as they took effect: where the output went, the device, the real image count.
-    resolved = dataclasses.asdict(dataclasses.replace(
-        cfg, output_dir=str(out.resolve()), device=str(device), num_images=len(images),
+
+def _resume(run: Run) -> None:
+    """Every state of the checkpoint in the output folder, checked to belong to this run."""
+    cfg, out = run.cfg, run.out
+    state = checkpoint.load(out / checkpoint.CHECKPOINT_NAME)
+    if state is None:
+        return
+    if state["world_size"] != run.world_size:
+        raise UsageError(f"the checkpoint in {out} was written by {state['world_size']} processes, "
+                         f"this run has {run.world_size}; the data order would differ")
+    written_by = state["config"].get("objective", "loca")
+    if written_by != cfg.objective:
+        raise UsageError(f"--objective {cfg.objective}: the checkpoint in {out} is a {written_by} run")
+    run.student.load_state_dict(state["student"])
+    run.teacher.load_state_dict(state["teacher"])
+    run.optimizer.load_state_dict(state["optimizer"])
+    run.scheduler.load_state_dict(state["scheduler"])
+    run.criterion.load_state_dict(state.get("criterion", {}))   # LOCA checkpoints of before: no state
+    checkpoint.set_rng_state(state["rng"][run.rank])
+    run.start_step, run.skipped = state["step"], set(state.get("skipped_images", ()))
+
+
+def _write_config(run: Run) -> None:
+    """config.json: the settings as they took effect (where the output went, the device, the
+    real image count), the process count and the versions."""
+    cfg = run.cfg
+    run.resolved = dataclasses.asdict(dataclasses.replace(
+        cfg, output_dir=str(run.out.resolve()), device=str(run.device), num_images=len(run.images),
         data=os.path.abspath(cfg.data) if cfg.data else None))
-    if rank == 0:
-        (out / "config.json").write_text(json.dumps(
-            {**resolved, "world_size": world_size, "versions": versions()}, indent=1))
+    if run.rank == 0:
+        (run.out / "config.json").write_text(json.dumps(
+            {**run.resolved, "world_size": run.world_size, "versions": versions()}, indent=1))
 
-    forward_model = student
-    if world_size > 1:
-        forward_model = torch.nn.parallel.DistributedDataParallel(
+
+def _all_skipped(run: Run) -> list:
+    """The files skipped by every rank so far, sorted."""
+    return sorted(set().union(*objects_of_ranks(run.skipped, run.group)))
+
+
+def _save(run: Run, next_step: int) -> None:
+    """The checkpoint (rank 0 writes it; every rank's RNG state is in it)."""
+    rng, skipped_images = objects_of_ranks(checkpoint.rng_state(), run.group), _all_skipped(run)
+    if run.rank == 0:
+        checkpoint.save(run.out / checkpoint.CHECKPOINT_NAME, student=run.student.state_dict(),
+                        teacher=run.teacher.state_dict(), criterion=run.criterion.state_dict(),
+                        optimizer=run.optimizer.state_dict(),
+                        scheduler=run.scheduler.state_dict(), rng=rng, step=next_step,
+                        world_size=run.world_size, config=run.resolved, skipped_images=skipped_images)
+
+
+class _Forward(NamedTuple):
+    """How a step calls the networks: the (DDP, compiled) student, the teacher's method, autocast."""
+
+    student: Callable
+    teacher: Callable
+    autocast: object
+
+
+def _forward_functions(run: Run) -> _Forward:
+    cfg, device = run.cfg, run.device
+    student = run.student
+    if run.world_size > 1:
+        student = torch.nn.parallel.DistributedDataParallel(
             student, device_ids=[device.index] if device.type == "cuda" else None)
-    teacher_fn = getattr(teacher, objective.teacher_method)
+    teacher = getattr(run.teacher, run.objective.teacher_method)
     if cfg.compile:
-        forward_model = torch.compile(forward_model)
-        teacher_fn = torch.compile(teacher_fn)
+        student, teacher = torch.compile(student), torch.compile(teacher)
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" and cfg.amp
                 else nullcontext())
+    return _Forward(student, teacher, autocast)
 
-    def all_skipped() -> list:
-        return sorted(set().union(*_gather(skipped, world_size)))
 
-    def save(next_step: int) -> None:
-        rng, skipped_images = _gather(checkpoint.rng_state(), world_size), all_skipped()
-        if rank == 0:
-            checkpoint.save(out / checkpoint.CHECKPOINT_NAME, student=student.state_dict(),
-                            teacher=teacher.state_dict(), criterion=criterion.state_dict(),
-                            optimizer=optimizer.state_dict(),
-                            scheduler=scheduler.state_dict(), rng=rng, step=next_step,
-                            world_size=world_size, config=resolved, skipped_images=skipped_images)
+def _note_bad_images(run: Run, batch) -> None:
+    """Raise on an image that could not be decoded, or (cfg.skip_bad_images) note it once."""
+    for index in batch.bad_images.tolist():
+        if not run.cfg.skip_bad_images:
+            raise run.images.decode_error(index)
+        name = run.images.files[index]
+        if name not in run.skipped:
+            run.skipped.add(name)
+            print(f"loca_train: skipped {name} (cannot be decoded)", file=sys.stderr)
 
-    loader = batch_loader(images, cfg, start_step, rank, world_size)
-    log = StepLog(out / LOG_NAME, start_step) if rank == 0 else None
-    bar = ProgressBar(cfg.steps, start_step, cfg.log_every, cfg.progress and rank == 0)
-    records, first_loss, stopped, step = [], None, 0, start_step
-    eval_split = None
-    if cfg.eval_every:
-        # Imported here, not at the top: the package imports this module, and runpy warns when
-        # `python -m loca_train.evaluate` finds itself imported already.
-        from .evaluate import procedural_split, training_metrics
-        eval_split = procedural_split(cfg, 2 * cfg.eval_images, cfg.eval_images)
-    if rank == 0:
-        print(_banner(cfg, world_size, device, images, out, start_step), flush=True)
 
+def _steps(run: Run):
+    """The training loop from run.start_step; returns (records, the stopping signal or 0, last step)."""
+    cfg = run.cfg
+    forward = _forward_functions(run)
+    loader = batch_loader(run.images, cfg, run.start_step, run.rank, run.world_size)
+    log = StepLog(run.out / LOG_NAME, run.start_step) if run.rank == 0 else None
+    bar = ProgressBar(cfg.steps, run.start_step, cfg.log_every, cfg.progress and run.rank == 0)
+    eval_split = procedural_split(cfg, 2 * cfg.eval_images, cfg.eval_images) if cfg.eval_every else None
+    records, stopped, step = [], 0, run.start_step
     with StopRequest() as stop_request:
         t_ready = time.perf_counter()
-        for step, batch in zip(range(start_step, cfg.steps), loader):
-            for index in batch.bad_images.tolist():
-                if not cfg.skip_bad_images:
-                    raise images.decode_error(index)
-                if images.files[index] not in skipped:
-                    skipped.add(images.files[index])
-                    print(f"loca_train: skipped {images.files[index]} (cannot be decoded)", file=sys.stderr)
-            batch = batch.to(device)
-            t_data = time.perf_counter()
-            # Kernel time is measured on one step in log_every (not under torch.compile, whose
-            # graphs a dispatch mode would break).
-            timed = cfg.log_every > 0 and (step + 1) % cfg.log_every == 0 and not cfg.compile
-            timer = KernelTimer() if timed else nullcontext()
-            student.train()
-            with timer:
-                with autocast:
-                    loss, metrics = objective.forward(forward_model, teacher_fn, criterion, batch, cfg, step, group)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                grad_norm = torch.nn.utils.clip_grad_norm_(
-                    student.parameters(), cfg.clip_grad if cfg.clip_grad > 0 else float("inf"))
-                lr = optimizer.param_groups[0]["lr"]
-                optimizer.step()
-                scheduler.step()
-                momentum = teacher_momentum(cfg, step)
-                update_teacher(teacher, student, momentum)
-            metrics = {"loss": loss.detach(), **metrics, "grad_norm": grad_norm.detach()}
-            values = torch.stack([v.float() for v in metrics.values()] +
-                                 [torch.tensor(float(stop_request.signal), device=device)])
-            if world_size > 1:
-                dist.all_reduce(values)   # averages the metrics, and tells every rank about a stop
-                values[:-1] /= world_size
-            values = values.tolist()
-            t_done = time.perf_counter()
-            record = {"step": step, **dict(zip(metrics, values[:-1])), "lr": lr,
-                      "teacher_momentum": momentum,
-                      "images_per_s": cfg.batch_size * world_size / (t_done - t_ready),
-                      "time_data": t_data - t_ready, "time_forward_backward": t_done - t_data,
-                      "time_step": t_done - t_ready}
-            if timed:
-                record["time_kernels"] = timer.seconds()
-            if rank == 0 and cfg.eval_every and ((step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps):
-                t_eval = time.perf_counter()
-                record.update(training_metrics(teacher.encoder, cfg, device, eval_split))
-                record["time_eval"] = time.perf_counter() - t_eval
-                if cfg.progress:
-                    print(f"loca_train: eval at step {step + 1}: " + ", ".join(
-                        f"{key[5:]} {value:.3f}" for key, value in record.items() if key.startswith("eval_")),
-                        file=sys.stderr, flush=True)
-            first_loss = record["loss"] if first_loss is None else first_loss
+        for step, batch in zip(range(run.start_step, cfg.steps), loader):
+            _note_bad_images(run, batch)
+            record, stopped = _step(run, forward, batch.to(run.device), step, stop_request.signal, t_ready)
+            if eval_split is not None and run.rank == 0 and _eval_due(cfg, step):
+                _evaluate(run, record, step, eval_split)
             records.append(record)
             if log is not None:
                 log.write(record)
             bar.update(step, record)
-            stopped = int(values[-1])
             if stopped or (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
-                save(step + 1)
+                _save(run, step + 1)
             if stopped:
                 break
             t_ready = time.perf_counter()
+    if log is not None:
+        log.close()
+    return records, stopped, step
 
-    skipped_images = all_skipped()
-    wall = time.perf_counter() - t_start
-    result = {**summary(records, first_loss), "interrupted": stopped, "world_size": world_size,
+
+def _step(run: Run, forward: _Forward, batch, step: int, signal_seen: int, t_ready: float):
+    """One optimisation step and the EMA update; returns (its log record, the signal that asks
+    every rank to stop, or 0)."""
+    cfg, t_data = run.cfg, time.perf_counter()
+    # Kernel time is measured on one step in log_every (not under torch.compile, whose graphs a
+    # dispatch mode would break).
+    timed = cfg.log_every > 0 and (step + 1) % cfg.log_every == 0 and not cfg.compile
+    timer = KernelTimer() if timed else nullcontext()
+    run.student.train()
+    with timer:
+        with forward.autocast:
+            loss, metrics = run.objective.forward(forward.student, forward.teacher, run.criterion, batch, cfg, step,
+                                                  run.group)
+        run.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(
+            run.student.parameters(), cfg.clip_grad if cfg.clip_grad > 0 else float("inf"))
+        lr = run.optimizer.param_groups[0]["lr"]
+        run.optimizer.step()
+        run.scheduler.step()
+        momentum = teacher_momentum(cfg, step)
+        update_teacher(run.teacher, run.student, momentum)
+    metrics = {"loss": loss.detach(), **metrics, "grad_norm": grad_norm.detach()}
+    values = torch.stack([v.float() for v in metrics.values()] +
+                         [torch.tensor(float(signal_seen), device=run.device)])
+    if run.world_size > 1:
+        dist.all_reduce(values)   # averages the metrics, and tells every rank about a stop
+        values[:-1] /= run.world_size
+    values = values.tolist()
+    t_done = time.perf_counter()
+    record = {"step": step, **dict(zip(metrics, values[:-1])), "lr": lr, "teacher_momentum": momentum,
+              "images_per_s": cfg.batch_size * run.world_size / (t_done - t_ready),
+              "time_data": t_data - t_ready, "time_forward_backward": t_done - t_data, "time_step": t_done - t_ready}
+    if timed:
+        record["time_kernels"] = timer.seconds()
+    return record, int(values[-1])
+
+
+def _eval_due(cfg: Config, step: int) -> bool:
+    return (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps
+
+
+def _evaluate(run: Run, record: dict, step: int, eval_split) -> None:
+    """--eval-every: the teacher encoder's headline metrics added to the step's record."""
+    t_eval = time.perf_counter()
+    record.update(training_metrics(run.teacher.encoder, run.cfg, run.device, eval_split))
+    record["time_eval"] = time.perf_counter() - t_eval
+    if run.cfg.progress:
+        print(f"loca_train: eval at step {step + 1}: " + ", ".join(
+            f"{key[5:]} {value:.3f}" for key, value in record.items() if key.startswith("eval_")),
+            file=sys.stderr, flush=True)
+
+
+def _finish(run: Run, records: list, stopped: int, step: int, wall: float) -> dict:
+    """The summary (summary.json from rank 0) and the closing line."""
+    skipped_images, out = _all_skipped(run), run.out
+    first_loss = records[0]["loss"] if records else None
+    result = {**summary(records, first_loss), "interrupted": stopped, "world_size": run.world_size,
               "wall_time_s": wall, "skipped_images": len(skipped_images),
               "skipped_image_files": skipped_images}
-    if rank == 0:
-        log.close()
-        (out / "summary.json").write_text(json.dumps(result, indent=1))
-        if stopped:
-            print(f"\nloca_train: stopped by signal {stopped} after step {step} ({format_duration(wall)}); "
-                  f"checkpoint saved, continue with --resume --output-dir {out}", flush=True)
-        else:
-            written = [name for name in ("summary.json", LOG_NAME, checkpoint.CHECKPOINT_NAME, "config.json")
-                       if (out / name).exists()]
-            print(f"loca_train: done in {format_duration(wall)}: results in {out}/ ({', '.join(written)})",
-                  flush=True)
+    if run.rank != 0:
+        return result
+    (out / "summary.json").write_text(json.dumps(result, indent=1))
+    if stopped:
+        print(f"\nloca_train: stopped by signal {stopped} after step {step} ({format_duration(wall)}); "
+              f"checkpoint saved, continue with --resume --output-dir {out}", flush=True)
+    else:
+        written = [name for name in ("summary.json", LOG_NAME, checkpoint.CHECKPOINT_NAME, "config.json")
+                   if (out / name).exists()]
+        print(f"loca_train: done in {format_duration(wall)}: results in {out}/ ({', '.join(written)})", flush=True)
     return result
-

@@ -1,0 +1,85 @@
+"""The images of an evaluation (splits) and the feature sources measured on them."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, List, Optional
+
+import torch
+import torch.nn.functional as F
+
+from ..config import Config, UsageError
+from ..images import SCENE_CLASSES, ProceduralImages, SegmentationFolder
+from ..objectives import objective_of
+from ..views import normalize
+
+# The procedural evaluation split: the probe learns on the first images, every metric is
+# measured on the next ones.
+PROBE_IMAGES, TEST_IMAGES = 256, 128
+# The folder split: a fixed permutation (this seed) puts half the images in the probe's set.
+FOLDER_SPLIT_SEED = 0
+
+
+@dataclass
+class EvalSplit:
+    """The images of an evaluation: `dataset.scene(i)` gives (image, instances or None,
+    classes); the probe trains on `probe`, every metric is measured on `test`."""
+
+    dataset: object
+    probe: List[int]
+    test: List[int]
+    description: str
+    class_names: Optional[tuple] = None     # None: class k is called "k"
+
+
+def procedural_split(cfg: Config, probe_images: int = PROBE_IMAGES, test_images: int = TEST_IMAGES) -> EvalSplit:
+    """The procedural evaluation split at the run's source size: scenes of the "eval" stream
+    (no training run draws them), the same for every run seed."""
+    dataset = ProceduralImages(probe_images + test_images, cfg.source_size, seed=0, split="eval")
+    return EvalSplit(dataset, list(range(probe_images)), list(range(probe_images, probe_images + test_images)),
+                     f"{test_images} procedural evaluation scenes ({cfg.source_size} px), the probe "
+                     f"trained on {probe_images} others", SCENE_CLASSES)
+
+
+def folder_split(cfg: Config, data: str, masks: str, instances: Optional[str] = None) -> EvalSplit:
+    """The images under `data` with their masks, split in two by a fixed permutation: the
+    probe trains on the first half, the metrics are measured on the second."""
+    dataset = SegmentationFolder(data, cfg.source_size, masks, instances)
+    if len(dataset) < 2:
+        raise UsageError(f"--data {data}: {len(dataset)} image; the evaluation needs at least 2")
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(FOLDER_SPLIT_SEED)).tolist()
+    half = len(dataset) // 2
+    return EvalSplit(dataset, sorted(order[:half]), sorted(order[half:]),
+                     f"{len(dataset) - half} images of {data}, the probe trained on {half} others")
+
+
+def network_input(image: torch.Tensor, cfg: Config) -> torch.Tensor:
+    """uint8 (3, h, w) -> the whole image resized to image_size x image_size, normalised (3, S, S)."""
+    x = F.interpolate(image[None].float() / 255, size=(cfg.image_size, cfg.image_size), mode="bilinear",
+                      align_corners=False, antialias=True)
+    return normalize(x)[0]
+
+
+def encoder_features(encoder: torch.nn.Module, cfg: Config) -> Callable:
+    """Features of `encoder`: its final patch tokens (after the last LayerNorm) as (B, g, g, dim)."""
+    grid = cfg.image_size // cfg.patch_size
+
+    def features(x: torch.Tensor) -> torch.Tensor:
+        return encoder(x).unflatten(1, (grid, grid))
+    return features
+
+
+def raw_pixel_features(cfg: Config) -> Callable:
+    """The raw-pixel baseline: each patch's normalised RGB values, flattened, (B, g, g, 3 p^2)."""
+    p = cfg.patch_size
+
+    def features(x: torch.Tensor) -> torch.Tensor:
+        return x.unfold(2, p, p).unfold(3, p, p).permute(0, 2, 3, 1, 4, 5).flatten(3)
+    return features
+
+
+def random_init_encoder(cfg: Config) -> torch.nn.Module:
+    """The encoder a run with `cfg` starts from (train() seeds with cfg.seed, then builds the
+    objective's student), built without touching the caller's random state."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        return objective_of(cfg).build_student(cfg).encoder.eval()
