@@ -43,33 +43,16 @@ def sample_boxes(batch: int, num_views: int, image_size, area_range: Sequence[fl
     contains every box that lies in the central crop, so it meets the requirement unless
     overlap_with reaches outside it (the "tf" fallback, the whole image, contains every box).
     """
-    op = "sample_boxes"
     if sampler not in ("rrc", "tf"):
-        raise ValueError(f"{op}: sampler must be 'rrc' or 'tf', got {sampler!r}")
+        raise ValueError(f"{_SAMPLE}: sampler must be 'rrc' or 'tf', got {sampler!r}")
     if tries is None:
         tries = 100 if sampler == "tf" else 10
-    if not 0 < area_range[0] <= area_range[1] <= 1:
-        raise ValueError(f"{op}: area_range must satisfy 0 < low <= high <= 1, got {tuple(area_range)}")
-    if not 0 < aspect_range[0] <= aspect_range[1]:
-        raise ValueError(f"{op}: aspect_range must satisfy 0 < low <= high, got {tuple(aspect_range)}")
-    sizes = torch.as_tensor(image_size, dtype=torch.float64).cpu()
-    if sizes.shape not in ((2,), (batch, 2)):
-        raise ValueError(f"{op}: image_size must be (height, width) or a ({batch}, 2) tensor, "
-                         f"got shape {tuple(sizes.shape)}")
-    if not bool((sizes > 0).all()):
-        raise ValueError(f"{op}: image sizes must be positive, got min {float(sizes.min())}")
-    height, width = sizes.reshape(-1, 2).unbind(-1)
-    height, width = height[:, None], width[:, None]              # (batch or 1, 1)
+    height, width = _image_sides(batch, image_size, area_range, aspect_range)
     shape = (batch, num_views)
     box = torch.zeros(*shape, 4, dtype=torch.float64)
     done = torch.zeros(shape, dtype=torch.bool)
-    log_lo, log_hi = math.log(aspect_range[0]), math.log(aspect_range[1])
     if overlap_with is not None:
-        others = torch.as_tensor(overlap_with, dtype=torch.float64).cpu()
-        others = others[:, None] if others.dim() == 2 else others
-        if others.dim() != 3 or others.shape[0] != batch or others.shape[2] != 4:
-            raise ValueError(f"{op}: overlap_with must be ({batch}, 4) or ({batch}, K, 4) boxes, "
-                             f"got shape {tuple(torch.as_tensor(overlap_with).shape)}")
+        others = _overlap_boxes(batch, overlap_with)
         needed = (min_overlap * height * width)[..., None]        # (batch or 1, 1, 1)
     for _ in range(tries):
         if sampler == "tf" and bool(done.all()):      # TF stops at a view's first accepted try
@@ -77,14 +60,7 @@ def sample_boxes(batch: int, num_views: int, image_size, area_range: Sequence[fl
         if sampler == "tf":
             candidate, fits = _tf_try(height, width, area_range, aspect_range, shape, generator)
         else:
-            area = height * width * (area_range[0] + (area_range[1] - area_range[0]) *
-                                     torch.rand(shape, generator=generator, dtype=torch.float64))
-            ratio = torch.exp(log_lo + (log_hi - log_lo) * torch.rand(shape, generator=generator, dtype=torch.float64))
-            w, h = torch.sqrt(area * ratio), torch.sqrt(area / ratio)
-            x0 = (width - w) * torch.rand(shape, generator=generator, dtype=torch.float64)
-            y0 = (height - h) * torch.rand(shape, generator=generator, dtype=torch.float64)
-            candidate = torch.stack([x0, y0, x0 + w, y0 + h], dim=-1)
-            fits = (w <= width) & (h <= height)
+            candidate, fits = _rrc_try(height, width, area_range, aspect_range, shape, generator)
         fits &= ~done
         if overlap_with is not None:
             common, _ = intersection_boxes(candidate[:, :, None], others[:, None])   # (batch, views, K, 4)
@@ -92,15 +68,60 @@ def sample_boxes(batch: int, num_views: int, image_size, area_range: Sequence[fl
             fits &= (area > needed).all(dim=-1)
         box[fits] = candidate[fits]
         done |= fits
-    # Fallback: the whole image ("tf"), or narrowed to the nearest allowed aspect ratio ("rrc").
+    return torch.where(done[..., None], box, _fallback(height, width, aspect_range, shape, sampler)).float()
+
+
+_SAMPLE = "sample_boxes"
+
+
+def _image_sides(batch: int, image_size, area_range, aspect_range):
+    """sample_boxes' checked ranges and image sides: (height, width) float64 (batch or 1, 1)."""
+    if not 0 < area_range[0] <= area_range[1] <= 1:
+        raise ValueError(f"{_SAMPLE}: area_range must satisfy 0 < low <= high <= 1, got {tuple(area_range)}")
+    if not 0 < aspect_range[0] <= aspect_range[1]:
+        raise ValueError(f"{_SAMPLE}: aspect_range must satisfy 0 < low <= high, got {tuple(aspect_range)}")
+    sizes = torch.as_tensor(image_size, dtype=torch.float64).cpu()
+    if sizes.shape not in ((2,), (batch, 2)):
+        raise ValueError(f"{_SAMPLE}: image_size must be (height, width) or a ({batch}, 2) tensor, "
+                         f"got shape {tuple(sizes.shape)}")
+    if not bool((sizes > 0).all()):
+        raise ValueError(f"{_SAMPLE}: image sizes must be positive, got min {float(sizes.min())}")
+    height, width = sizes.reshape(-1, 2).unbind(-1)
+    return height[:, None], width[:, None]
+
+
+def _overlap_boxes(batch: int, overlap_with) -> torch.Tensor:
+    """overlap_with as checked (batch, K, 4) float64 CPU boxes."""
+    others = torch.as_tensor(overlap_with, dtype=torch.float64).cpu()
+    others = others[:, None] if others.dim() == 2 else others
+    if others.dim() != 3 or others.shape[0] != batch or others.shape[2] != 4:
+        raise ValueError(f"{_SAMPLE}: overlap_with must be ({batch}, 4) or ({batch}, K, 4) boxes, "
+                         f"got shape {tuple(torch.as_tensor(overlap_with).shape)}")
+    return others
+
+
+def _rrc_try(height, width, area_range, aspect_range, shape, generator):
+    """One RandomResizedCrop try for every view: candidate float64 boxes (batch, views, 4) and
+    whether each fits in its image."""
+    log_lo, log_hi = math.log(aspect_range[0]), math.log(aspect_range[1])
+    area = height * width * (area_range[0] + (area_range[1] - area_range[0]) *
+                             torch.rand(shape, generator=generator, dtype=torch.float64))
+    ratio = torch.exp(log_lo + (log_hi - log_lo) * torch.rand(shape, generator=generator, dtype=torch.float64))
+    w, h = torch.sqrt(area * ratio), torch.sqrt(area / ratio)
+    x0 = (width - w) * torch.rand(shape, generator=generator, dtype=torch.float64)
+    y0 = (height - h) * torch.rand(shape, generator=generator, dtype=torch.float64)
+    return torch.stack([x0, y0, x0 + w, y0 + h], dim=-1), (w <= width) & (h <= height)
+
+
+def _fallback(height, width, aspect_range, shape, sampler: str) -> torch.Tensor:
+    """The box of a view with no accepted try: the whole image ("tf"), or the largest central
+    crop with an aspect ratio in aspect_range ("rrc")."""
     w, h = width, height
     if sampler == "rrc":
         w = torch.minimum(width, height * aspect_range[1])
         h = torch.minimum(height, width / aspect_range[0])
     x0, y0 = (width - w) / 2, (height - h) / 2
-    central = torch.stack(torch.broadcast_tensors(x0, y0, x0 + w, y0 + h), dim=-1).expand(*shape, 4)
-    box = torch.where(done[..., None], box, central)
-    return box.float()
+    return torch.stack(torch.broadcast_tensors(x0, y0, x0 + w, y0 + h), dim=-1).expand(*shape, 4)
 
 
 def _tf_try(height, width, area_range, aspect_range, shape, generator):
