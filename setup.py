@@ -61,6 +61,8 @@ setup(
     ext_modules=[CMakeExtension("loca_kernels._C")],
     cmdclass={"build_ext": CMakeBuild},
     python_requires=">=3.10",
-    install_requires=["torch>=2.10", "numpy"],
-    extras_require={"test": ["pytest", "pytest-benchmark", "triton"]},
+    # pillow: the trainer reads image folders and the evaluation draws eval.png with it.
+    install_requires=["torch>=2.10", "numpy", "pillow"],
+    # plot: python -m loca_train.plot and benchmarks/report.py, checked before they read anything.
+    extras_require={"plot": ["matplotlib"], "test": ["pytest", "pytest-benchmark", "triton"]},
 )

@@ -2,7 +2,8 @@
 objective logs (LOCA's localisation, GTSA's quarter turn) and the dense-feature metrics
 (--eval-every) of a run's log.jsonl against the step.
 
-Needs matplotlib (not a dependency of training): `pip install matplotlib`.
+Needs matplotlib (not a dependency of training): `pip install matplotlib`, or the package's
+`plot` extra (`pip install -e ".[plot]"`).
 """
 from __future__ import annotations
 
@@ -70,6 +71,7 @@ def main(argv=None) -> int:
     parser.add_argument("--output", help=f"image to write (default: RUN_DIR/{FIGURE_NAME})")
     args = parser.parse_args(argv)
     try:
+        _pyplot()                         # an optional dependency: checked before any work
         output = Path(args.output or Path(args.run_dir) / FIGURE_NAME)
         plot(read_log(Path(args.run_dir)), output)
     except UsageError as error:
