@@ -1,6 +1,7 @@
 """The dense objectives of `python -m loca_train --objective densecl|gtsa|mmc` (LOCA's own run is
 tests/test_train.py): each trains with a finite, moving loss, resumes exactly (its queues and
 centre included), runs on two gloo processes, and python -m loca_train.evaluate reads its runs."""
+import dataclasses
 import importlib
 import json
 import os
@@ -15,6 +16,7 @@ import pytest
 import torch
 
 from loca_train import UsageError, parse_args, preset, train
+from loca_train.config import FLAG_GROUPS, Config
 from loca_train import evaluate as ev
 from loca_train.batches import StepBatches
 from loca_train.images import ProceduralImages
@@ -228,3 +230,17 @@ def test_mmc_masks_and_pixel_targets_follow_the_token_order():
         encode = lambda x, m: student.encoder(x, mask=m, mask_token=student.mask_token)   # noqa: E731
         assert torch.equal(encode(images, mask), encode(other, mask))
         assert not torch.equal(encode(images, None), encode(other, None))
+
+
+def test_every_flag_is_in_one_help_group_and_objective_flags_are_checked(capsys):
+    grouped = [name for _, _, names in FLAG_GROUPS for name in names]
+    assert sorted(grouped) == sorted(f.name for f in dataclasses.fields(Config) if f.name != "preset")
+    assert parse_args(["--objective", "gtsa", "--global-area", "0.4", "1", "--num-local", "2"]) == \
+        parse_args(["--objective", "gtsa", "--reference-area", "0.4", "1", "--num-focal", "2"])
+    for argv, message in ((["--objective", "densecl", "--local-size", "8"],
+                           "--local-size is a setting of --objective loca, gtsa, mmc, not of densecl"),
+                          (["--objective", "gtsa", "--sharpening", "0.1"],
+                           "--sharpening is a setting of --objective loca, not of gtsa")):
+        with pytest.raises(SystemExit):
+            parse_args(argv)
+        assert capsys.readouterr().err == f"loca_train: error: {message}\n"

@@ -41,17 +41,17 @@ class Config:
     num_workers: int = setting(2, "host processes decoding images and sampling views")
     # Views (official recipe: 224 reference, 224 query keeping 70 tokens, nine 96 focal queries).
     patch_size: int = setting(4, "ViT patch side (pixels)")
-    image_size: int = setting(32, "reference view and first query view (pixels)")
-    focal_size: int = setting(16, "focal query views (pixels)")
-    num_focal: int = setting(9, "number of focal query views per image")
+    image_size: int = setting(32, "side of the global views (pixels): LOCA's reference and first query view")
+    focal_size: int = setting(16, "side of the local views (pixels): LOCA's focal query views")
+    num_focal: int = setting(9, "local views per image: LOCA's focal query views")
     query_tokens_kept: int = setting(23, "tokens of the first query kept before the encoder")
     reference_visible: float = setting(0.2, "fraction of reference tokens visible, one consecutive run")
     reference_area: Tuple[float, float] = setting((0.32, 1.0),
-                                                  "area range of the reference crop (fraction of the image); "
-                                                  "densecl, gtsa, mmc: of the global (image_size) views")
-    query_area: Tuple[float, float] = setting((0.32, 1.0), "area range of the first query crop")
-    focal_area: Tuple[float, float] = setting((0.05, 0.32), "area range of the focal query crops; gtsa, mmc: of "
-                                                            "the num_focal local (focal_size) views")
+                                                  "area range of the global views' crops (fraction of the image); "
+                                                  "LOCA: of the reference view")
+    query_area: Tuple[float, float] = setting((0.32, 1.0), "area range of the first query view's crop (a global view)")
+    focal_area: Tuple[float, float] = setting((0.05, 0.32), "area range of the local views' crops; LOCA: of the "
+                                                            "focal query views")
     crop_sampler: str = setting("rrc", "crop boxes: tf = integer boxes as TF's sample_distorted_bounding_box "
                                        "(official: aspect 0.75-1.33 uniform, 100 tries, whole image as "
                                        "fallback); rrc = float RandomResizedCrop-style boxes (log-uniform "
@@ -150,6 +150,53 @@ class Config:
                                  "python -m loca_train.evaluate, procedural set only) logged in log.jsonl; 0: off")
     eval_images: int = setting(128, "--eval-every: evaluation scenes measured (the probe trains on twice as many)")
     progress: bool = setting(True, "show a progress bar")
+
+
+# The command line's groups in --help: (title, description, fields). Objective-specific flags
+# are in their objective's group, or say in their help which objectives they apply to.
+_VIEWS = ("Every objective draws global views (--global-size pixels, area --global-area) and, all but "
+          "densecl, --num-local local views (--local-size pixels, area --local-area). LOCA calls its global "
+          "views the reference view (the teacher's) and the first query view (area --query-area), its local "
+          "views the focal query views; LOCA's names (--image-size, --reference-area, --focal-size, "
+          "--num-focal, --focal-area) stay as aliases for one release.")
+FLAG_GROUPS = (
+    ("objective", None, ("objective",)),
+    ("data", "the images", ("data", "num_images", "source_size", "num_workers")),
+    ("views", _VIEWS, ("image_size", "focal_size", "num_focal", "reference_area", "focal_area", "crop_sampler",
+                       "color_jitter", "jitter_style", "grayscale")),
+    ("model", "the ViT encoder and the heads", ("patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio",
+                                                "stochastic_depth", "head_hidden_dim", "head_bottleneck_dim",
+                                                "num_prototypes", "projection_dim")),
+    ("teacher", "the EMA teacher (every objective)", ("teacher_momentum", "teacher_momentum_schedule",
+                                                       "teacher_mode")),
+    ("loca", "--objective loca", ("query_tokens_kept", "reference_visible", "query_area", "label_rule", "solarize",
+                                  "init", "sharpening", "sinkhorn_iterations", "student_temperature",
+                                  "mean_entropy_over")),
+    ("densecl", "--objective densecl", ("queue_size", "contrast_temperature", "dense_weight")),
+    ("gtsa", "--objective gtsa", ("num_matches_global", "num_matches_local", "pool_global", "pool_local",
+                                  "min_overlap", "correspondence_weight", "rotation_weight")),
+    ("mmc", "--objective mmc", ("mask_ratio", "teacher_temperature", "center_momentum", "mim_weight",
+                                "distill_weight", "contrast_weight")),
+    ("optimisation", "AdamW and its schedule", ("batch_size", "steps", "warmup_steps", "lr", "lr_reference_batch",
+                                                "min_lr_ratio", "weight_decay", "clip_grad")),
+    ("running", "devices, output, checkpoints, logging", (
+        "seed", "device", "amp", "compile", "backend", "output_dir", "checkpoint_every", "resume", "overwrite",
+        "skip_bad_images", "log_every", "eval_every", "eval_images", "progress")),
+)
+# The objectives a flag applies to, for the flags that not every objective reads; giving one
+# for another objective on the command line is an error.
+_LOCAL_VIEWS = ("loca", "gtsa", "mmc")
+# Flag names that say which views a setting is of, the same for every objective; the field's own
+# flag (LOCA's word) stays as an alias.
+VIEW_FLAGS = {"image_size": "--global-size", "focal_size": "--local-size", "num_focal": "--num-local",
+              "reference_area": "--global-area", "focal_area": "--local-area"}
+APPLIES_TO = {
+    **{name: (group,) for group, _, names in FLAG_GROUPS if group in OBJECTIVES for name in names},
+    "focal_size": _LOCAL_VIEWS, "num_focal": _LOCAL_VIEWS, "focal_area": _LOCAL_VIEWS,
+    "head_hidden_dim": _LOCAL_VIEWS, "head_bottleneck_dim": _LOCAL_VIEWS, "num_prototypes": ("loca", "mmc"),
+    "projection_dim": ("densecl", "gtsa", "mmc"), "student_temperature": ("loca", "mmc"),
+    "queue_size": ("densecl", "mmc"), "contrast_temperature": ("densecl", "mmc"),
+}
 
 
 # The official LOCA ImageNet-1k recipe (scenic/projects/loca, 100 epochs at a global batch of
@@ -363,24 +410,40 @@ def parse_args(argv=None) -> Config:
                              "cheaper or deterministic choices (rrc crops at source_size 64, centre labels, "
                              "fixed jitter, no solarisation, eval-mode teacher, truncated-normal init); "
                              "vit_s16/vit_b16: the official LOCA ImageNet recipe in every point")
-    for f in fields(Config):
-        if f.name == "preset":
-            continue
-        flag = "--" + f.name.replace("_", "-")
-        help_text = f"{f.metadata['help']} ({chosen}: {getattr(defaults, f.name)})"
-        if f.type == "bool":
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
-        elif f.type.startswith("Tuple"):
-            parser.add_argument(flag, type=float, nargs=2, default=None, metavar=("LOW", "HIGH"),
-                                help=help_text)
-        else:
-            parser.add_argument(flag, type=_flag_type(f.type), default=None, help=help_text,
-                                choices=f.metadata["choices"])
+    _add_flags(parser, chosen, defaults)
     args = vars(parser.parse_args(argv))
     name = args.pop("preset")
     overrides = {key: (tuple(value) if isinstance(value, list) else value)
                  for key, value in args.items() if value is not None}
+    objective = overrides.get("objective", "loca")
+    for key in overrides:
+        if objective not in APPLIES_TO.get(key, (objective,)):
+            flag = VIEW_FLAGS.get(key, "--" + key.replace("_", "-"))
+            parser.error(f"{flag} is a setting of --objective {', '.join(APPLIES_TO[key])}, "
+                         f"not of {objective}")
     try:
         return preset(name, **overrides)
     except UsageError as error:
         parser.error(str(error))
+
+
+def _add_flags(parser: Parser, chosen: str, defaults: Config) -> None:
+    """One flag per Config field, in FLAG_GROUPS' groups, each help ending in the preset's value."""
+    by_name = {f.name: f for f in fields(Config)}
+    for title, description, names in FLAG_GROUPS:
+        group = parser.add_argument_group(title, description)
+        for name in names:
+            f = by_name[name]
+            flags = [VIEW_FLAGS[name], "--" + f.name.replace("_", "-")] if name in VIEW_FLAGS else \
+                ["--" + f.name.replace("_", "-")]
+            applies = f"; --objective {', '.join(APPLIES_TO[name])}" if name in APPLIES_TO and title not in OBJECTIVES \
+                else ""
+            help_text = f"{f.metadata['help']} ({chosen}: {getattr(defaults, f.name)}{applies})"
+            if f.type == "bool":
+                group.add_argument(*flags, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+            elif f.type.startswith("Tuple"):
+                group.add_argument(*flags, type=float, nargs=2, default=None, metavar=("LOW", "HIGH"), dest=name,
+                                   help=help_text)
+            else:
+                group.add_argument(*flags, type=_flag_type(f.type), default=None, help=help_text,
+                                   choices=f.metadata["choices"], dest=name)
