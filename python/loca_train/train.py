@@ -14,18 +14,18 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from . import checkpoint
+from . import checkpoint, run_folder
 from .batches import batch_loader
-from .config import Config, UsageError
+from .config import Config, UsageError, resume_changes
 from .images import ImageFolder, open_images
 from .model import ema_teacher
-from .monitor import KernelTimer, ProgressBar, StepLog, format_duration, kernels_in_words, summary, versions
+from .monitor import KernelTimer, ProgressBar, format_duration, kernels_in_words, summary, versions
 from .objectives import objective_of
 from .schedules import lr_factor, teacher_momentum, update_teacher
 
 # Fields of a step record that measure time: they differ between runs, nothing else may.
 TIMING_FIELDS = ("images_per_s", "time_data", "time_forward_backward", "time_step", "time_kernels", "time_eval")
-LOG_NAME = "log.jsonl"
+LOG_NAME = run_folder.LOG_NAME
 
 
 class StopRequest:
@@ -68,13 +68,7 @@ def check_run(cfg: Config, world_size: int):
     """Every check of the user's input that needs no work (no process group, no model): the
     device, the output folder, the data. Raises UsageError; returns the image set."""
     _device_type(cfg)
-    out = output_dir(cfg)
-    if cfg.resume and not (out / checkpoint.CHECKPOINT_NAME).exists():
-        raise UsageError(f"--resume: no checkpoint ({checkpoint.CHECKPOINT_NAME}) in {out}")
-    existing = [name for name in (LOG_NAME, checkpoint.CHECKPOINT_NAME) if (out / name).exists()]
-    if existing and not (cfg.resume or cfg.overwrite):
-        raise UsageError(f"{out} already holds a run ({', '.join(existing)}); continue it with --resume "
-                         f"or replace it with --overwrite")
+    run_folder.check_folder(cfg.resume, cfg.overwrite, output_dir(cfg))
     images = open_images(cfg.data, cfg.num_images, cfg.source_size, cfg.seed)
     if len(images) < cfg.batch_size * world_size:
         processes = f" x {world_size} processes" if world_size > 1 else ""
@@ -143,15 +137,23 @@ def train(cfg: Config) -> dict:
     """Run (or resume) the training `cfg` describes. Returns the summary (also written to
     <output_dir>/summary.json by rank 0); summary["interrupted"] is the signal that stopped
     the run, or 0. Input the user has to fix raises UsageError before any work starts (a
-    corrupt image when it is met, unless cfg.skip_bad_images)."""
+    corrupt image when it is met, unless cfg.skip_bad_images). Rank 0 holds the output
+    folder's lock until it returns."""
+    with run_folder.RunLock(output_dir(cfg)) as lock:
+        return _train(cfg, lock)
+
+
+def _train(cfg: Config, lock: run_folder.RunLock) -> dict:
     t_start = time.perf_counter()
     images = check_run(cfg, int(os.environ.get("WORLD_SIZE", "1")))
     rank, world_size, device, group = _setup_processes(cfg)
     out = output_dir(cfg)
     if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        if cfg.overwrite:   # an interrupted new run must not leave the old run's checkpoint
-            for name in (checkpoint.CHECKPOINT_NAME, "summary.json"):
+        lock.acquire()
+        run_folder.check_folder(cfg.resume, cfg.overwrite, out)     # again, now that no other trainer can change it
+        run_folder.remove_temporary_files(out)
+        if cfg.overwrite:   # an interrupted new run must not leave the old run's checkpoints
+            for name in (checkpoint.CHECKPOINT_NAME, checkpoint.PREVIOUS_NAME, run_folder.SUMMARY_NAME):
                 (out / name).unlink(missing_ok=True)
     objective = objective_of(cfg)
     torch.manual_seed(cfg.seed)                     # the same initial model (and queues) on every rank
@@ -163,7 +165,11 @@ def train(cfg: Config) -> dict:
     torch.manual_seed(cfg.seed + 1 + rank)          # each rank its own stochastic-depth draws
 
     start_step, skipped = 0, set()                  # skipped: files of images that could not be decoded
-    state = checkpoint.load(out / checkpoint.CHECKPOINT_NAME) if cfg.resume else None
+    # The settings as they took effect: where the output went, the device, the real image count.
+    resolved = dataclasses.asdict(dataclasses.replace(
+        cfg, output_dir=str(out.resolve()), device=str(device), num_images=len(images),
+        data=os.path.abspath(cfg.data) if cfg.data else None))
+    state = run_folder.load_for_resume(out, move_unreadable=rank == 0) if cfg.resume else None
     if state is not None:
         if state["world_size"] != world_size:
             raise UsageError(f"the checkpoint in {out} was written by {state['world_size']} processes, "
@@ -171,6 +177,7 @@ def train(cfg: Config) -> dict:
         written_by = state["config"].get("objective", "loca")
         if written_by != cfg.objective:
             raise UsageError(f"--objective {cfg.objective}: the checkpoint in {out} is a {written_by} run")
+        run_folder.check_resume(resolved, state["config"], out, resume_changes(cfg))
         student.load_state_dict(state["student"])
         teacher.load_state_dict(state["teacher"])
         optimizer.load_state_dict(state["optimizer"])
@@ -178,12 +185,8 @@ def train(cfg: Config) -> dict:
         criterion.load_state_dict(state.get("criterion", {}))   # LOCA checkpoints of before: no state
         checkpoint.set_rng_state(state["rng"][rank])
         start_step, skipped = state["step"], set(state.get("skipped_images", ()))
-    # The settings as they took effect: where the output went, the device, the real image count.
-    resolved = dataclasses.asdict(dataclasses.replace(
-        cfg, output_dir=str(out.resolve()), device=str(device), num_images=len(images),
-        data=os.path.abspath(cfg.data) if cfg.data else None))
     if rank == 0:
-        (out / "config.json").write_text(json.dumps(
+        checkpoint.write_text(out / run_folder.CONFIG_NAME, json.dumps(
             {**resolved, "world_size": world_size, "versions": versions()}, indent=1))
 
     forward_model = student
@@ -203,6 +206,7 @@ def train(cfg: Config) -> dict:
     def save(next_step: int) -> None:
         rng, skipped_images = _gather(checkpoint.rng_state(), world_size), all_skipped()
         if rank == 0:
+            log.sync()      # the log holds at least the steps the checkpoint counts
             checkpoint.save(out / checkpoint.CHECKPOINT_NAME, student=student.state_dict(),
                             teacher=teacher.state_dict(), criterion=criterion.state_dict(),
                             optimizer=optimizer.state_dict(),
@@ -210,7 +214,7 @@ def train(cfg: Config) -> dict:
                             world_size=world_size, config=resolved, skipped_images=skipped_images)
 
     loader = batch_loader(images, cfg, start_step, rank, world_size)
-    log = StepLog(out / LOG_NAME, start_step) if rank == 0 else None
+    log = run_folder.StepLog(out / LOG_NAME, start_step) if rank == 0 else None
     bar = ProgressBar(cfg.steps, start_step, cfg.log_every, cfg.progress and rank == 0)
     records, first_loss, stopped, step = [], None, 0, start_step
     eval_split = None
@@ -292,7 +296,7 @@ def train(cfg: Config) -> dict:
               "skipped_image_files": skipped_images}
     if rank == 0:
         log.close()
-        (out / "summary.json").write_text(json.dumps(result, indent=1))
+        result = run_folder.write_summary(out, result, ran_steps=bool(records))
         if stopped:
             print(f"\nloca_train: stopped by signal {stopped} after step {step} ({format_duration(wall)}); "
                   f"checkpoint saved, continue with --resume --output-dir {out}", flush=True)
