@@ -211,6 +211,8 @@ def load(path: Path) -> Optional[dict]:
         raise UnreadableCheckpoint(f"{path} is corrupt (it does not unpickle)") from None
     except IsADirectoryError:
         raise UnreadableCheckpoint(f"{path} is a directory, not a checkpoint file") from None
+    except OSError as error:
+        raise UnreadableCheckpoint(f"cannot read {path}: {error.strerror}") from None
     except Exception as error:  # any bytes can come: each error means a file that cannot be read
         size = path.stat().st_size
         what = "is empty" if size == 0 else f"is truncated or corrupt ({size} bytes; {type(error).__name__})"
@@ -248,3 +250,17 @@ def load_latest(folder: Path, hint: str = "") -> Optional[Tuple[dict, Path]]:
 def exists(folder: Path) -> bool:
     """Whether `folder` holds a checkpoint (the latest or the previous one)."""
     return any((Path(folder) / name).exists() for name in (CHECKPOINT_NAME, PREVIOUS_NAME))
+
+
+def read_for_command(run_dir: Optional[str] = None, file: Optional[str] = None) -> Tuple[dict, Path]:
+    """(state, path) of the training checkpoint that `--checkpoint FILE` or `--run-dir DIR`
+    names (python -m loca_train.export, .evaluate); a one-line UsageError naming the flag."""
+    if file is not None:
+        path = Path(file)
+        if not path.is_file():
+            raise UsageError(f"--checkpoint {file}: no such file")
+        return load(path), path
+    found = load_latest(Path(run_dir), hint="; resume the run (python -m loca_train --resume) to write a new one")
+    if found is None:
+        raise UsageError(f"--run-dir {run_dir}: no checkpoint ({CHECKPOINT_NAME}) in it")
+    return found

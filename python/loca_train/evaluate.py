@@ -18,7 +18,9 @@ eval.json and eval.png (examples); the command prints a table.
 """
 from __future__ import annotations
 
+import errno
 import json
+import os
 import sys
 import time
 from contextlib import contextmanager
@@ -380,6 +382,9 @@ def _evaluate(sources, split, cfg, device, batch_size, bar, examples, threads):
         for name, f in features.items():
             train_features[name].append(f.flatten(0, 1)[kept])
     labels = torch.cat(train_labels)
+    if not len(labels):
+        raise UsageError(f"every patch of the probe's images is ignored (label {IGNORE_LABEL}) in the masks of "
+                         f"{split.description}: nothing to train the probe on")
     num_classes = int(labels.max()) + 1
     probes = {name: train_probe(torch.cat(f), labels, num_classes) for name, f in train_features.items()}
     del train_features
@@ -421,6 +426,9 @@ def _evaluate(sources, split, cfg, device, batch_size, bar, examples, threads):
     counts["threshold_selection_images"], counts["threshold_report_images"] = selection, len(split.test) - selection
     names = split.class_names or tuple(str(c) for c in range(num_classes))
     metrics = {}
+    if not int(next(iter(acc.values())).confusion.sum()):
+        raise UsageError(f"every pixel of the test images is ignored (label {IGNORE_LABEL}) in the masks of "
+                         f"{split.description}: nothing to measure")
     for name, a in acc.items():
         ious = iou_per_class(a.confusion)
         m = {"probe_miou": sum(ious.values()) / len(ious),
@@ -541,15 +549,18 @@ def draw_examples(shown: list, metrics: dict, cfg: Config, path: Path, scale: in
 
 def _load(args, parser):
     """(checkpoint state, path, output folder) of --run-dir or --checkpoint."""
-    path = Path(args.checkpoint) if args.checkpoint else Path(args.run_dir) / checkpoint.CHECKPOINT_NAME
-    if not path.is_file():
-        where = f"--checkpoint {args.checkpoint}: no such file" if args.checkpoint else \
-            f"--run-dir {args.run_dir}: no checkpoint ({checkpoint.CHECKPOINT_NAME}) in it"
-        parser.error(where)
-    state = checkpoint.load(path)
-    if not isinstance(state, dict) or "config" not in state or "teacher" not in state:
-        parser.error(f"{path} is not a loca_train training checkpoint")
-    return state, path, Path(args.output_dir) if args.output_dir else path.parent
+    try:
+        state, path = checkpoint.read_for_command(args.run_dir, args.checkpoint)
+    except UsageError as error:
+        parser.error(str(error))
+    out = Path(args.output_dir) if args.output_dir else path.parent
+    try:        # before the evaluation, not after it
+        out.mkdir(parents=True, exist_ok=True)
+        if not os.access(out, os.W_OK):
+            raise PermissionError(errno.EACCES, "not writable")
+    except OSError as error:
+        parser.error(f"--output-dir {out}: cannot write there ({error.strerror})")
+    return state, path, out
 
 
 def main(argv=None) -> int:
@@ -598,15 +609,20 @@ def main(argv=None) -> int:
 
     pretrained = objective_of(cfg).build_student(cfg).encoder
     prefix = "encoder."
-    pretrained.load_state_dict({k[len(prefix):]: v for k, v in state[args.which].items() if k.startswith(prefix)})
+    try:
+        pretrained.load_state_dict({k[len(prefix):]: v for k, v in state[args.which].items() if k.startswith(prefix)})
+    except RuntimeError:
+        parser.error(f"{path}: its {args.which}'s encoder weights do not fit the network its config describes")
     sources = {"pretrained": encoder_features(pretrained.to(device).eval(), cfg),
                "random_init": encoder_features(random_init_encoder(cfg).to(device), cfg),
                "raw_pixels": raw_pixel_features(cfg)}
     print(f"loca_train.evaluate: {args.which} of {path} (step {state['step']}) on {split.description}", flush=True)
     progress = sys.stderr.isatty() if args.progress is None else args.progress
-    metrics, counts, shown = evaluate(sources, split, cfg, device, args.batch_size, progress, args.examples)
+    try:
+        metrics, counts, shown = evaluate(sources, split, cfg, device, args.batch_size, progress, args.examples)
+    except UsageError as error:     # masks met during the evaluation
+        parser.error(str(error))
 
-    out.mkdir(parents=True, exist_ok=True)
     run_config = path.parent / "config.json"
     run_versions = json.loads(run_config.read_text()).get("versions") if run_config.is_file() else None
     result = {"checkpoint": str(path.resolve()), "step": state["step"], "which": args.which,
@@ -616,7 +632,10 @@ def main(argv=None) -> int:
                                "weight_decay": PROBE_WEIGHT_DECAY, "loss": "class-balanced cross-entropy"},
               "versions": versions(), "run_versions": run_versions,
               "wall_time_s": time.perf_counter() - t_start}
-    (out / EVAL_NAME).write_text(json.dumps(result, indent=1))
+    try:
+        checkpoint.write_text(out / EVAL_NAME, json.dumps(result, indent=1))
+    except UsageError as error:
+        parser.error(str(error))
     draw_examples(shown, metrics, cfg, out / FIGURE_NAME)
     print(table(metrics))
     skipped = f", {counts['objects_skipped']} skipped (no patch centre inside)" if counts["objects_skipped"] else ""
