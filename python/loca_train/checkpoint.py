@@ -12,6 +12,7 @@ Everything in a checkpoint is tensors or plain Python data, so it loads with
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import pickle
@@ -102,6 +103,21 @@ def _fsync_folder(folder: Path) -> None:
         os.close(fd)
 
 
+def _keep_as(path: Path, previous: Path) -> None:
+    """Make `previous` a copy of `path` while `path` stays in place (a hard link renamed over
+    `previous`); where the filesystem has no hard links, `path` is renamed to `previous`."""
+    link = temp_path(previous)
+    link.unlink(missing_ok=True)
+    try:
+        os.link(path, link)
+    except OSError as error:
+        if error.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK):
+            raise
+        os.replace(path, previous)
+        return
+    os.replace(link, previous)
+
+
 def atomic_write(path: Path, write: Callable, previous: Optional[Path] = None, hint: str = "") -> None:
     """Write `path` with write(file) (file.write(bytes)) to a temporary file, fsync it, then
     rename it over `path`: `path` is the old file or the new one, never a part. With `previous`,
@@ -122,18 +138,24 @@ def atomic_write(path: Path, write: Callable, previous: Optional[Path] = None, h
         finally:
             os.close(fd)
         if previous is not None and path.exists():
-            os.replace(path, previous)
+            _keep_as(path, previous)
         os.replace(tmp, path)
         _fsync_folder(path.parent)
     except OSError as error:
-        tmp.unlink(missing_ok=True)
+        _remove_temporary(path, previous)
         kept = f"{path.name} is as it was" if path.exists() else f"{path.name} was not written"
         if previous is not None and not path.exists() and previous.exists():
             kept = f"the last good checkpoint is {previous}"
         raise UsageError(f"cannot write {path}: {error.strerror or error}; {kept}{hint}") from None
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        _remove_temporary(path, previous)
         raise
+
+
+def _remove_temporary(path: Path, previous: Optional[Path]) -> None:
+    for file in (path, previous):
+        if file is not None:
+            temp_path(file).unlink(missing_ok=True)
 
 
 def write_text(path: Path, text: str) -> None:

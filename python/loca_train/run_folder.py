@@ -69,7 +69,7 @@ class RunLock:
 
 def remove_temporary_files(folder: Path) -> None:
     """Remove the temporary files a writer killed mid-write left (call with the lock held)."""
-    for name in (checkpoint.CHECKPOINT_NAME, SUMMARY_NAME, CONFIG_NAME):
+    for name in (checkpoint.CHECKPOINT_NAME, checkpoint.PREVIOUS_NAME, SUMMARY_NAME, CONFIG_NAME):
         checkpoint.temp_path(Path(folder) / name).unlink(missing_ok=True)
 
 
