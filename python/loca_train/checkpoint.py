@@ -223,6 +223,13 @@ def load(path: Path) -> Optional[dict]:
     if not path.exists():
         return None
     try:
+        with open(path, "rb"):
+            pass
+    except IsADirectoryError:
+        raise UnreadableCheckpoint(f"{path} is a directory, not a checkpoint file") from None
+    except OSError as error:
+        raise UnreadableCheckpoint(f"cannot read {path}: {error.strerror}") from None
+    try:
         with warnings.catch_warnings():         # torch warns about the odd bytes it is reading
             warnings.simplefilter("ignore")
             state = torch.load(path, map_location="cpu", weights_only=True)
@@ -231,10 +238,6 @@ def load(path: Path) -> Optional[dict]:
             raise UnreadableCheckpoint(f"{path} holds more than tensors and plain data (written by an older "
                                        f"loca_train?); it is not loaded") from None
         raise UnreadableCheckpoint(f"{path} is corrupt (it does not unpickle)") from None
-    except IsADirectoryError:
-        raise UnreadableCheckpoint(f"{path} is a directory, not a checkpoint file") from None
-    except OSError as error:
-        raise UnreadableCheckpoint(f"cannot read {path}: {error.strerror}") from None
     except Exception as error:  # any bytes can come: each error means a file that cannot be read
         size = path.stat().st_size
         what = "is empty" if size == 0 else f"is truncated or corrupt ({size} bytes; {type(error).__name__})"
@@ -279,7 +282,7 @@ def read_for_command(run_dir: Optional[str] = None, file: Optional[str] = None) 
     names (python -m loca_train.export, .evaluate); a one-line UsageError naming the flag."""
     if file is not None:
         path = Path(file)
-        if not path.is_file():
+        if not path.exists():
             raise UsageError(f"--checkpoint {file}: no such file")
         return load(path), path
     found = load_latest(Path(run_dir), hint="; resume the run (python -m loca_train --resume) to write a new one")
