@@ -111,7 +111,7 @@ def _operations(fn, monkeypatch) -> list:
     return calls
 
 
-def _kill_points(calls: list, writes: int = 12) -> list:
+def _kill_points(calls: list, writes: int = 8) -> list:
     """Every operation that is not a write, and `writes` writes spread over the rest (1-based)."""
     write_at = [i + 1 for i, name in enumerate(calls) if name == "write"]
     spread = write_at[::max(1, len(write_at) // writes)] + write_at[-1:]
@@ -150,7 +150,7 @@ def test_sigkill_at_the_file_operations_of_a_checkpoint_write(two_checkpoints, t
     save = lambda folder: checkpoint.save(folder / LATEST, **_state(3))  # noqa: E731
     calls = _operations(lambda: save(_copy(two_checkpoints, tmp_path / "count")), monkeypatch)
     points = _kill_points(calls)
-    assert {"write", "fsync", "replace", "link"} <= set(calls) and len(points) >= 16
+    assert {"write", "fsync", "replace", "link"} <= set(calls) and len(points) >= 12
     steps = []
     for k in points:
         folder = _copy(two_checkpoints, tmp_path / f"kill{k}")
@@ -242,7 +242,7 @@ def test_a_real_full_disk_keeps_the_last_checkpoint_and_the_log_whole(two_checkp
 def test_changed_bytes_are_detected_or_harmless_never_loaded_wrong(two_checkpoints, tmp_path, capsys):
     original = (two_checkpoints / LATEST).read_bytes()
     rng = random.Random(1)
-    positions = sorted(rng.sample(range(len(original)), 300))
+    positions = sorted(rng.sample(range(len(original)), 150))
     kinds = {"detected": 0, "harmless": 0}
     folder = _copy(two_checkpoints, tmp_path / "run")
     for position in positions:
@@ -256,7 +256,7 @@ def test_changed_bytes_are_detected_or_harmless_never_loaded_wrong(two_checkpoin
         else:
             assert path == folder / PREVIOUS and _is_state(state, 1)
             kinds["detected"] += 1
-    assert kinds["detected"] > 250, kinds
+    assert kinds["detected"] > 120, kinds
     warnings = capsys.readouterr().err.splitlines()
     assert len(warnings) == kinds["detected"] and all(f"using {folder / PREVIOUS} (step 1)" in w for w in warnings)
 
