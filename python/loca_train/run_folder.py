@@ -8,6 +8,7 @@ import fcntl
 import json
 import os
 import sys
+import weakref
 from pathlib import Path
 from typing import List, Tuple
 
@@ -172,10 +173,11 @@ class StepLog:
             keep = end
         try:
             self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-            if os.fstat(self.fd).st_size > keep:
-                os.ftruncate(self.fd, keep)
         except OSError as error:
             raise UsageError(f"cannot write {self.path}: {error.strerror}") from None
+        self._close = weakref.finalize(self, os.close, self.fd)    # also when a run ends by an exception
+        if os.fstat(self.fd).st_size > keep:
+            os.ftruncate(self.fd, keep)
 
     def write(self, record: dict) -> None:
         data = memoryview((json.dumps(record) + "\n").encode())
@@ -197,7 +199,7 @@ class StepLog:
         os.fsync(self.fd)
 
     def close(self) -> None:
-        os.close(self.fd)
+        self._close()
 
 
 # ------------------------------------------------------------------ the summary
