@@ -213,6 +213,13 @@ def _mount_tmpfs(path: Path, size: str) -> bool:
                           capture_output=True).returncode == 0
 
 
+def _unmount(path: Path) -> None:
+    """Unmount; a file left open (a failure to report) must not leave the mount behind."""
+    if subprocess.run(["umount", str(path)]).returncode:
+        subprocess.run(["umount", "-l", str(path)], check=True)
+        raise AssertionError(f"a file on {path} was still open")
+
+
 def test_a_real_full_disk_keeps_the_last_checkpoint_and_the_log_whole(two_checkpoints, tmp_path):
     disk = tmp_path / "disk"
     size = (two_checkpoints / LATEST).stat().st_size
@@ -234,7 +241,7 @@ def test_a_real_full_disk_keeps_the_last_checkpoint_and_the_log_whole(two_checkp
         assert [r["step"] for r in records] == list(range(step))          # every line whole, no torn one
         assert (disk / run_folder.LOG_NAME).read_bytes().endswith(b"\n")
     finally:
-        subprocess.run(["umount", str(disk)], check=True)
+        _unmount(disk)
 
 
 # ------------------------------------------------------------------ changed, truncated, empty and foreign files
@@ -335,6 +342,28 @@ def test_sigkill_at_the_file_operations_of_a_log_resume(tmp_path, monkeypatch, c
         assert path.read_bytes() == kept
     assert torn == calls.count("write")                    # a kill in the middle of each write
     assert "are not a complete record" in capsys.readouterr().err
+
+
+def test_sigkill_at_random_times_while_logging(tmp_path):
+    rng = random.Random(3)
+    for case in range(6):
+        path = tmp_path / f"case{case}.jsonl"
+        kept = _log_with(path, 3)
+        pid = os.fork()
+        if pid == 0:
+            try:
+                log = run_folder.StepLog(path, 3)
+                for step in range(3, 10_000_000):
+                    log.write(_line(step, 1))
+            finally:
+                os._exit(0)
+        time.sleep(rng.uniform(0.0, 0.05))
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        assert path.read_bytes().startswith(kept)
+        records, _ = run_folder.read_log(path)
+        assert [r["step"] for r in records] == list(range(len(records)))
+        assert records[3:] == [_line(s, 1) for s in range(3, len(records))]
 
 
 def test_a_full_disk_during_a_log_write_leaves_no_partial_line(tmp_path, monkeypatch):
@@ -491,6 +520,28 @@ def test_a_corrupt_latest_checkpoint_resumes_from_the_previous_one_exactly(train
     final, straight = (torch.load(d / LATEST, weights_only=True) for d in (out, trained))
     assert final["step"] == 3 and all(torch.equal(v, straight["student"][k]) for k, v in final["student"].items())
     assert checkpoint.load(out / PREVIOUS)["step"] == 2
+
+
+def test_a_trainer_on_a_full_disk_stops_in_one_line_and_resumes_once_there_is_room(trained, tmp_path, capsys):
+    disk = tmp_path / "disk"
+    size = (trained / LATEST).stat().st_size
+    if not _mount_tmpfs(disk, f"{5 * size // 2 // 1024}k"):     # the log and two checkpoints, not three
+        pytest.skip("needs root and tmpfs mounts (the simulated ENOSPC tests cover the code)")
+    try:
+        out = disk / "run"
+        status, _, err = _main(capsys, **SETTINGS, output_dir=out)
+        _assert_usage_error(status, err, f"cannot write {out / LATEST}: No space left on device",
+                            f"{LATEST} is as it was", "--resume")
+        assert checkpoint.load(out / LATEST)["step"] == 2 and checkpoint.load(out / PREVIOUS)["step"] == 1
+        assert [r["step"] for r in _records(out / "log.jsonl")] == [0, 1, 2]
+        assert not list(out.glob(".*.tmp"))
+        subprocess.run(["mount", "-o", f"remount,size={4 * size // 1024}k", str(disk)], check=True)
+        status, _, err = _main(capsys, "--resume", **SETTINGS, output_dir=out)
+        assert status == 0, err
+        final, straight = (torch.load(d / LATEST, weights_only=True) for d in (out, trained))
+        assert all(torch.equal(v, straight["student"][k]) for k, v in final["student"].items())
+    finally:
+        _unmount(disk)
 
 
 # ------------------------------------------------------------------ evaluate and export (point 4)

@@ -34,10 +34,16 @@ class RunLock:
     """One trainer per output folder: `acquire()` takes an exclusive POSIX lock (lockf) on
     <folder>/trainer.lock and writes the pid there. The kernel drops the lock when the process
     ends, however it ends (a lock file left by a dead process is free again), and a POSIX lock
-    is not inherited by forked data-loader workers. Leaving the `with` block releases it."""
+    is not inherited by forked data-loader workers. Leaving the `with` block closes the files
+    given to `closes` and releases it, however the block ends."""
 
     def __init__(self, folder: Path):
-        self.path, self.fd = Path(folder) / LOCK_NAME, None
+        self.path, self.fd, self._files = Path(folder) / LOCK_NAME, None, []
+
+    def closes(self, file):
+        """Close `file` when the lock is released; returns it."""
+        self._files.append(file)
+        return file
 
     def acquire(self) -> None:
         try:
@@ -57,6 +63,8 @@ class RunLock:
         self.fd = fd
 
     def release(self) -> None:
+        while self._files:
+            self._files.pop().close()
         if self.fd is not None:
             os.close(self.fd)       # closing drops the lock; the file stays (unlinking it would race)
             self.fd = None
@@ -175,7 +183,7 @@ class StepLog:
             self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
         except OSError as error:
             raise UsageError(f"cannot write {self.path}: {error.strerror}") from None
-        self._close = weakref.finalize(self, os.close, self.fd)    # also when a run ends by an exception
+        self._close = weakref.finalize(self, os.close, self.fd)    # closes once, whoever calls first
         if os.fstat(self.fd).st_size > keep:
             os.ftruncate(self.fd, keep)
 

@@ -214,7 +214,7 @@ def _train(cfg: Config, lock: run_folder.RunLock) -> dict:
                             world_size=world_size, config=resolved, skipped_images=skipped_images)
 
     loader = batch_loader(images, cfg, start_step, rank, world_size)
-    log = run_folder.StepLog(out / LOG_NAME, start_step) if rank == 0 else None
+    log = lock.closes(run_folder.StepLog(out / LOG_NAME, start_step)) if rank == 0 else None
     bar = ProgressBar(cfg.steps, start_step, cfg.log_every, cfg.progress and rank == 0)
     records, first_loss, stopped, step = [], None, 0, start_step
     eval_split = None
