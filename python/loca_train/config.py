@@ -15,6 +15,8 @@ class UsageError(ValueError):
 
 
 OBJECTIVES = ("loca", "densecl", "gtsa", "mmc")
+# Settings that change what a run computes but that --resume-changes lets a resume change.
+RESUME_CHANGEABLE = ("amp", "data")
 
 
 def setting(default, help_text: str, choices: Optional[Tuple[str, ...]] = None):
@@ -142,6 +144,9 @@ class Config:
     checkpoint_every: int = setting(100, "steps between checkpoints (also written on SIGINT/SIGTERM "
                                          "and at the end)")
     resume: bool = setting(False, "continue from the checkpoint in output_dir")
+    resume_changes: Optional[str] = setting(None, "with --resume: settings that may differ from the run's "
+                                                  "(comma-separated, of " + ", ".join(RESUME_CHANGEABLE) + "); "
+                                                  "the run continues with the new values")
     overwrite: bool = setting(False, "replace the run already in output_dir (its log and checkpoint)")
     skip_bad_images: bool = setting(False, "skip --data images that cannot be decoded (counted in "
                                            "summary.json) instead of stopping")
@@ -180,7 +185,8 @@ FLAG_GROUPS = (
     ("optimisation", "AdamW and its schedule", ("batch_size", "steps", "warmup_steps", "lr", "lr_reference_batch",
                                                 "min_lr_ratio", "weight_decay", "clip_grad")),
     ("running", "devices, output, checkpoints, logging", (
-        "seed", "device", "amp", "compile", "backend", "output_dir", "checkpoint_every", "resume", "overwrite",
+        "seed", "device", "amp", "compile", "backend", "output_dir", "checkpoint_every", "resume", "resume_changes",
+        "overwrite",
         "skip_bad_images", "log_every", "eval_every", "eval_images", "progress")),
 )
 # The objectives a flag applies to, for the flags that not every objective reads; giving one
@@ -332,8 +338,17 @@ def validate(cfg: Config) -> None:
                          "python -m loca_train.evaluate --data DIR --masks DIR")
     if cfg.eval_images < 2:
         raise UsageError(f"eval_images must be >= 2, got {cfg.eval_images}")
+    for name in resume_changes(cfg):
+        if name not in RESUME_CHANGEABLE:
+            raise UsageError(f"--resume-changes: {name!r} cannot change in a resume (it may be one of "
+                             f"{', '.join(RESUME_CHANGEABLE)})")
     if cfg.resume and cfg.overwrite:
         raise UsageError("--resume continues the run in output_dir, --overwrite replaces it: give one")
+
+
+def resume_changes(cfg: Config) -> Tuple[str, ...]:
+    """The setting names of cfg.resume_changes."""
+    return tuple(name.strip().replace("-", "_") for name in (cfg.resume_changes or "").split(",") if name.strip())
 
 
 def _validate_objective(cfg: Config) -> None:

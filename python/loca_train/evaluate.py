@@ -18,7 +18,9 @@ eval.json and eval.png (examples); the command prints a table.
 """
 from __future__ import annotations
 
+import errno
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -41,15 +43,18 @@ EVAL_NAME, FIGURE_NAME = "eval.json", "eval.png"
 
 def _load(args, parser):
     """(checkpoint state, path, output folder) of --run-dir or --checkpoint."""
-    path = Path(args.checkpoint) if args.checkpoint else Path(args.run_dir) / checkpoint.CHECKPOINT_NAME
-    if not path.is_file():
-        where = f"--checkpoint {args.checkpoint}: no such file" if args.checkpoint else \
-            f"--run-dir {args.run_dir}: no checkpoint ({checkpoint.CHECKPOINT_NAME}) in it"
-        parser.error(where)
-    state = checkpoint.load(path)
-    if not isinstance(state, dict) or "config" not in state or "teacher" not in state:
-        parser.error(f"{path} is not a loca_train training checkpoint")
-    return state, path, Path(args.output_dir) if args.output_dir else path.parent
+    try:
+        state, path = checkpoint.read_for_command(args.run_dir, args.checkpoint)
+    except UsageError as error:
+        parser.error(str(error))
+    out = Path(args.output_dir) if args.output_dir else path.parent
+    try:        # before the evaluation, not after it
+        out.mkdir(parents=True, exist_ok=True)
+        if not os.access(out, os.W_OK):
+            raise PermissionError(errno.EACCES, "not writable")
+    except OSError as error:
+        parser.error(f"--output-dir {out}: cannot write there ({error.strerror})")
+    return state, path, out
 
 
 def _parser() -> Parser:
@@ -94,12 +99,15 @@ def _arguments(parser: Parser, argv):
     return args
 
 
-def _sources(state: dict, cfg, which: str, device) -> dict:
+def _sources(state: dict, cfg, which: str, device, path: Path, parser: Parser) -> dict:
     """The feature sources: the run's encoder (`which` of teacher and student), the same network
     at its random initialisation, raw pixels."""
     pretrained = objective_of(cfg).build_student(cfg).encoder
     prefix = "encoder."
-    pretrained.load_state_dict({k[len(prefix):]: v for k, v in state[which].items() if k.startswith(prefix)})
+    try:
+        pretrained.load_state_dict({k[len(prefix):]: v for k, v in state[which].items() if k.startswith(prefix)})
+    except RuntimeError:
+        parser.error(f"{path}: its {which}'s encoder weights do not fit the network its config describes")
     return {"pretrained": encoder_features(pretrained.to(device).eval(), cfg),
             "random_init": encoder_features(random_init_encoder(cfg).to(device), cfg),
             "raw_pixels": raw_pixel_features(cfg)}
@@ -118,18 +126,19 @@ def main(argv=None) -> int:
     except UsageError as error:
         parser.error(str(error))
 
-    sources = _sources(state, cfg, args.which, device)
+    sources = _sources(state, cfg, args.which, device, path, parser)
     print(f"loca_train.evaluate: {args.which} of {path} (step {state['step']}) on {split.description}", flush=True)
     progress = sys.stderr.isatty() if args.progress is None else args.progress
-    metrics, counts, shown = evaluate(sources, split, cfg, device, args.batch_size, progress, args.examples)
-
-    _write_results(args, state, path, out, split, counts, metrics, shown, cfg, t_start)
+    try:
+        metrics, counts, shown = evaluate(sources, split, cfg, device, args.batch_size, progress, args.examples)
+        _write_results(args, state, path, out, split, counts, metrics, shown, cfg, t_start)
+    except UsageError as error:     # masks met during the evaluation, an eval.json that cannot be written
+        parser.error(str(error))
     return 0
 
 
 def _write_results(args, state, path, out, split, counts, metrics, shown, cfg, t_start) -> None:
     """eval.json, eval.png and the table and closing line on stdout."""
-    out.mkdir(parents=True, exist_ok=True)
     run_config = path.parent / "config.json"
     run_versions = json.loads(run_config.read_text()).get("versions") if run_config.is_file() else None
     result = {"checkpoint": str(path.resolve()), "step": state["step"], "which": args.which,
@@ -139,7 +148,7 @@ def _write_results(args, state, path, out, split, counts, metrics, shown, cfg, t
                                "weight_decay": PROBE_WEIGHT_DECAY, "loss": "class-balanced cross-entropy"},
               "versions": versions(), "run_versions": run_versions,
               "wall_time_s": time.perf_counter() - t_start}
-    (out / EVAL_NAME).write_text(json.dumps(result, indent=1))
+    checkpoint.write_text(out / EVAL_NAME, json.dumps(result, indent=1))
     draw_examples(shown, metrics, cfg, out / FIGURE_NAME)
     print(table(metrics))
     skipped = f", {counts['objects_skipped']} skipped (no patch centre inside)" if counts["objects_skipped"] else ""

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from . import checkpoint
-from .config import PRESETS, Config, Parser, config_from_dict, usage_error
+from .config import PRESETS, Config, Parser, UsageError, config_from_dict, usage_error
 from .networks import resize_pos_embed
 
 FORMATS = ("plain", "timm")
@@ -75,20 +75,32 @@ def main(argv=None) -> int:
                         help="timm: input size of the target model (default: the run's image_size); "
                              "the positional embeddings are resized to it")
     args = parser.parse_args(argv)
-    path = Path(args.run_dir) / checkpoint.CHECKPOINT_NAME
-    if not path.exists():
-        parser.error(f"--run-dir {args.run_dir}: no checkpoint ({checkpoint.CHECKPOINT_NAME}) in it")
-    state = checkpoint.load(path)
+    output = Path(args.output or Path(args.run_dir) / f"teacher_encoder{'_timm' if args.format == 'timm' else ''}.pt")
+    if output.is_dir() or not output.parent.is_dir():
+        parser.error(f"--output {output}: {'a directory' if output.is_dir() else 'its folder does not exist'}; "
+                     f"expected a file path in an existing folder")
+    try:
+        state, _ = checkpoint.read_for_command(args.run_dir)
+    except UsageError as error:
+        parser.error(str(error))
     cfg = config_from_dict(state["config"])
     encoder = teacher_encoder(state)
+    if not encoder:
+        parser.error(f"--run-dir {args.run_dir}: its checkpoint's teacher has no encoder weights (encoder.*)")
     how = "loca_train.networks.Encoder(config)"
     if args.format == "timm":
         image_size = args.image_size or cfg.image_size
         if image_size <= 0 or image_size % cfg.patch_size:
             parser.error(f"--image-size {image_size} must be a positive multiple of patch_size={cfg.patch_size}")
-        encoder, how = to_timm(encoder, cfg, image_size), timm_model(cfg, image_size)
-    output = Path(args.output or Path(args.run_dir) / f"teacher_encoder{'_timm' if args.format == 'timm' else ''}.pt")
-    torch.save(encoder, output)
+        try:
+            encoder, how = to_timm(encoder, cfg, image_size), timm_model(cfg, image_size)
+        except KeyError as error:
+            parser.error(f"--run-dir {args.run_dir}: its checkpoint's teacher encoder has no {error} (not this "
+                         f"package's ViT layout)")
+    try:
+        checkpoint.atomic_write(output, lambda f: torch.save(encoder, f))
+    except UsageError as error:
+        parser.error(str(error))
     print(f"loca_train.export: teacher encoder of {args.run_dir} (step {state['step']}) written to {output}; "
           f"load with {how}.load_state_dict(torch.load(path))")
     return 0

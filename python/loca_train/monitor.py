@@ -2,7 +2,6 @@
 the end; and what a run records about the software it ran on."""
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 import time
@@ -17,27 +16,6 @@ import loca_kernels
 
 # The library's fused kernels are operators of this namespace (forward and backward).
 KERNEL_NAMESPACE = "loca_kernels"
-
-
-class StepLog:
-    """Appends one JSON object per step to `path`; on resume, drops lines past the resumed
-    step so that the file reads as one uninterrupted run."""
-
-    def __init__(self, path: Path, start_step: int):
-        self.path = Path(path)
-        kept = []
-        if start_step and self.path.exists():
-            kept = [line for line in self.path.read_text().splitlines()
-                    if line and json.loads(line)["step"] < start_step]
-        self.path.write_text("".join(line + "\n" for line in kept))
-        self.file = open(self.path, "a")
-
-    def write(self, record: dict) -> None:
-        self.file.write(json.dumps(record) + "\n")
-        self.file.flush()
-
-    def close(self) -> None:
-        self.file.close()
 
 
 def format_duration(seconds: float) -> str:

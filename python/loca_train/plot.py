@@ -7,10 +7,10 @@ Needs matplotlib (not a dependency of training): `pip install matplotlib`, or th
 """
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
+from . import run_folder
 from .config import Parser, UsageError, usage_error
 from .evaluation.metrics import HEADLINE
 from .monitor import ACCURACIES
@@ -33,7 +33,7 @@ def read_log(run_dir: Path) -> list:
     path = Path(run_dir) / LOG_NAME
     if not path.is_file():
         raise UsageError(f"{run_dir}: no {LOG_NAME} in it")
-    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    records = run_folder.read_log(path)[0]      # a torn last line dropped with a warning
     if not records:
         raise UsageError(f"{path} is empty")
     return records

@@ -17,20 +17,20 @@ import torch.distributed as dist
 
 from loca_kernels.distributed import objects_of_ranks
 
-from . import checkpoint
+from . import checkpoint, run_folder
 from .batches import batch_loader
-from .config import Config, UsageError
+from .config import Config, UsageError, resume_changes
 from .evaluation.data import procedural_split
 from .evaluation.runner import training_metrics
 from .images import ImageFolder, open_images
-from .monitor import KernelTimer, ProgressBar, StepLog, format_duration, kernels_in_words, summary, versions
+from .monitor import KernelTimer, ProgressBar, format_duration, kernels_in_words, summary, versions
 from .networks import ema_teacher
 from .objectives import Objective, objective_of
 from .schedules import lr_factor, teacher_momentum, update_teacher
 
 # Fields of a step record that measure time: they differ between runs, nothing else may.
 TIMING_FIELDS = ("images_per_s", "time_data", "time_forward_backward", "time_step", "time_kernels", "time_eval")
-LOG_NAME = "log.jsonl"
+LOG_NAME = run_folder.LOG_NAME
 
 
 class StopRequest:
@@ -73,13 +73,7 @@ def check_run(cfg: Config, world_size: int):
     """Every check of the user's input that needs no work (no process group, no model): the
     device, the output folder, the data. Raises UsageError; returns the image set."""
     _device_type(cfg)
-    out = output_dir(cfg)
-    if cfg.resume and not (out / checkpoint.CHECKPOINT_NAME).exists():
-        raise UsageError(f"--resume: no checkpoint ({checkpoint.CHECKPOINT_NAME}) in {out}")
-    existing = [name for name in (LOG_NAME, checkpoint.CHECKPOINT_NAME) if (out / name).exists()]
-    if existing and not (cfg.resume or cfg.overwrite):
-        raise UsageError(f"{out} already holds a run ({', '.join(existing)}); continue it with --resume "
-                         f"or replace it with --overwrite")
+    run_folder.check_folder(cfg.resume, cfg.overwrite, output_dir(cfg))
     images = open_images(cfg.data, cfg.num_images, cfg.source_size, cfg.seed)
     if len(images) < cfg.batch_size * world_size:
         processes = f" x {world_size} processes" if world_size > 1 else ""
@@ -162,27 +156,36 @@ def train(cfg: Config) -> dict:
     """Run (or resume) the training `cfg` describes. Returns the summary (also written to
     <output_dir>/summary.json by rank 0); summary["interrupted"] is the signal that stopped
     the run, or 0. Input the user has to fix raises UsageError before any work starts (a
-    corrupt image when it is met, unless cfg.skip_bad_images)."""
+    corrupt image when it is met, unless cfg.skip_bad_images). Rank 0 holds the output
+    folder's lock until it returns."""
+    with run_folder.RunLock(output_dir(cfg)) as lock:
+        return _train(cfg, lock)
+
+
+def _train(cfg: Config, lock: run_folder.RunLock) -> dict:
     t_start = time.perf_counter()
     images = check_run(cfg, int(os.environ.get("WORLD_SIZE", "1")))
-    run = _build(cfg, images)
+    run = _build(cfg, images, lock)
     if cfg.resume:
         _resume(run)
     _write_config(run)
     if run.rank == 0:
         print(_banner(cfg, run.world_size, run.device, images, run.out, run.start_step), flush=True)
-    records, stopped, step = _steps(run)
+    records, stopped, step = _steps(run, lock)
     return _finish(run, records, stopped, step, time.perf_counter() - t_start)
 
 
-def _build(cfg: Config, images) -> Run:
-    """Processes, the output folder, and the objective's networks, optimiser and loss."""
+def _build(cfg: Config, images, lock: run_folder.RunLock) -> Run:
+    """Processes, the output folder (rank 0 locks it), and the objective's networks, optimiser
+    and loss."""
     rank, world_size, device, group = _setup_processes(cfg)
     out = output_dir(cfg)
     if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        if cfg.overwrite:   # an interrupted new run must not leave the old run's checkpoint
-            for name in (checkpoint.CHECKPOINT_NAME, "summary.json"):
+        lock.acquire()
+        run_folder.check_folder(cfg.resume, cfg.overwrite, out)     # again, now that no other trainer can change it
+        run_folder.remove_temporary_files(out)
+        if cfg.overwrite:   # an interrupted new run must not leave the old run's checkpoints
+            for name in (checkpoint.CHECKPOINT_NAME, checkpoint.PREVIOUS_NAME, run_folder.SUMMARY_NAME):
                 (out / name).unlink(missing_ok=True)
     objective = objective_of(cfg)
     torch.manual_seed(cfg.seed)                     # the same initial model (and queues) on every rank
@@ -192,14 +195,18 @@ def _build(cfg: Config, images) -> Run:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(cfg, step))
     criterion = objective.make_criterion(cfg, group, world_size).to(device)
     torch.manual_seed(cfg.seed + 1 + rank)          # each rank its own stochastic-depth draws
+    # The settings as they took effect: where the output went, the device, the real image count.
+    resolved = dataclasses.asdict(dataclasses.replace(
+        cfg, output_dir=str(out.resolve()), device=str(device), num_images=len(images),
+        data=os.path.abspath(cfg.data) if cfg.data else None))
     return Run(cfg, images, rank, world_size, device, group, out, objective, student, teacher, optimizer, scheduler,
-               criterion)
+               criterion, resolved=resolved)
 
 
 def _resume(run: Run) -> None:
     """Every state of the checkpoint in the output folder, checked to belong to this run."""
     cfg, out = run.cfg, run.out
-    state = checkpoint.load(out / checkpoint.CHECKPOINT_NAME)
+    state = run_folder.load_for_resume(out, move_unreadable=run.rank == 0)
     if state is None:
         return
     if state["world_size"] != run.world_size:
@@ -208,6 +215,7 @@ def _resume(run: Run) -> None:
     written_by = state["config"].get("objective", "loca")
     if written_by != cfg.objective:
         raise UsageError(f"--objective {cfg.objective}: the checkpoint in {out} is a {written_by} run")
+    run_folder.check_resume(run.resolved, state["config"], out, resume_changes(cfg))
     run.student.load_state_dict(state["student"])
     run.teacher.load_state_dict(state["teacher"])
     run.optimizer.load_state_dict(state["optimizer"])
@@ -218,14 +226,10 @@ def _resume(run: Run) -> None:
 
 
 def _write_config(run: Run) -> None:
-    """config.json: the settings as they took effect (where the output went, the device, the
-    real image count), the process count and the versions."""
-    cfg = run.cfg
-    run.resolved = dataclasses.asdict(dataclasses.replace(
-        cfg, output_dir=str(run.out.resolve()), device=str(run.device), num_images=len(run.images),
-        data=os.path.abspath(cfg.data) if cfg.data else None))
+    """config.json: the settings as they took effect (run.resolved), the process count and the
+    versions."""
     if run.rank == 0:
-        (run.out / "config.json").write_text(json.dumps(
+        checkpoint.write_text(run.out / run_folder.CONFIG_NAME, json.dumps(
             {**run.resolved, "world_size": run.world_size, "versions": versions()}, indent=1))
 
 
@@ -234,10 +238,11 @@ def _all_skipped(run: Run) -> list:
     return sorted(set().union(*objects_of_ranks(run.skipped, run.group)))
 
 
-def _save(run: Run, next_step: int) -> None:
+def _save(run: Run, next_step: int, log) -> None:
     """The checkpoint (rank 0 writes it; every rank's RNG state is in it)."""
     rng, skipped_images = objects_of_ranks(checkpoint.rng_state(), run.group), _all_skipped(run)
     if run.rank == 0:
+        log.sync()      # the log holds at least the steps the checkpoint counts
         checkpoint.save(run.out / checkpoint.CHECKPOINT_NAME, student=run.student.state_dict(),
                         teacher=run.teacher.state_dict(), criterion=run.criterion.state_dict(),
                         optimizer=run.optimizer.state_dict(),
@@ -278,12 +283,12 @@ def _note_bad_images(run: Run, batch) -> None:
             print(f"loca_train: skipped {name} (cannot be decoded)", file=sys.stderr)
 
 
-def _steps(run: Run):
+def _steps(run: Run, lock: run_folder.RunLock):
     """The training loop from run.start_step; returns (records, the stopping signal or 0, last step)."""
     cfg = run.cfg
     forward = _forward_functions(run)
     loader = batch_loader(run.images, cfg, run.start_step, run.rank, run.world_size)
-    log = StepLog(run.out / LOG_NAME, run.start_step) if run.rank == 0 else None
+    log = lock.closes(run_folder.StepLog(run.out / LOG_NAME, run.start_step)) if run.rank == 0 else None
     bar = ProgressBar(cfg.steps, run.start_step, cfg.log_every, cfg.progress and run.rank == 0)
     eval_split = procedural_split(cfg, 2 * cfg.eval_images, cfg.eval_images) if cfg.eval_every else None
     records, stopped, step = [], 0, run.start_step
@@ -299,7 +304,7 @@ def _steps(run: Run):
                 log.write(record)
             bar.update(step, record)
             if stopped or (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
-                _save(run, step + 1)
+                _save(run, step + 1, log)
             if stopped:
                 break
             t_ready = time.perf_counter()
@@ -370,7 +375,7 @@ def _finish(run: Run, records: list, stopped: int, step: int, wall: float) -> di
               "skipped_image_files": skipped_images}
     if run.rank != 0:
         return result
-    (out / "summary.json").write_text(json.dumps(result, indent=1))
+    result = run_folder.write_summary(out, result, ran_steps=bool(records))
     if stopped:
         print(f"\nloca_train: stopped by signal {stopped} after step {step} ({format_duration(wall)}); "
               f"checkpoint saved, continue with --resume --output-dir {out}", flush=True)

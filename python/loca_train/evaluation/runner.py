@@ -10,7 +10,7 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 
-from ..config import Config
+from ..config import Config, UsageError
 from ..images import IGNORE_LABEL
 from ..monitor import format_duration
 from .data import EvalSplit, encoder_features, network_input, procedural_split
@@ -99,19 +99,22 @@ def _evaluate(sources, split, cfg, device, batch_size, bar, examples, threads):
     def scenes(indices, what):
         return _scenes_and_features(split, indices, sources, cfg, device, batch_size, bar, what, threads)
 
-    probes, probe_patches, num_classes = _train_probes(scenes(split.probe, "probe"), cfg)
+    probes, probe_patches, num_classes = _train_probes(scenes(split.probe, "probe"), cfg, split.description)
     counts = {"probe_images": len(split.probe), "probe_patches": probe_patches, "test_images": len(split.test),
               "objects_prompted": 0, "objects_skipped": 0, "objects_per_image": []}
     acc, shown = _measure(scenes(split.test, "metrics"), probes, counts, examples)
     selection = len(split.test) // 2      # the threshold is chosen on the first half, reported on the rest
     counts["threshold_selection_images"], counts["threshold_report_images"] = selection, len(split.test) - selection
     names = split.class_names or tuple(str(c) for c in range(num_classes))
+    if not int(next(iter(acc.values())).confusion.sum()):
+        raise UsageError(f"every pixel of the test images is ignored (label {IGNORE_LABEL}) in the masks of "
+                         f"{split.description}: nothing to measure")
     metrics = {name: _summary(a, selection, names) for name, a in acc.items()}
     counts.pop("objects_per_image")
     return metrics, counts, shown
 
 
-def _train_probes(scenes, cfg: Config):
+def _train_probes(scenes, cfg: Config, description: str):
     """Step 1: each source's probe learns per-patch majority classes on the probe images.
     Returns (probes {source: LinearProbe}, the number of labelled patches, the number of classes)."""
     grid = (cfg.image_size // cfg.patch_size,) * 2
@@ -123,6 +126,9 @@ def _train_probes(scenes, cfg: Config):
         for name, f in features.items():
             train_features.setdefault(name, []).append(f.flatten(0, 1)[kept])
     labels = torch.cat(train_labels)
+    if not len(labels):
+        raise UsageError(f"every patch of the probe's images is ignored (label {IGNORE_LABEL}) in the masks of "
+                         f"{description}: nothing to train the probe on")
     num_classes = int(labels.max()) + 1
     probes = {name: train_probe(torch.cat(f), labels, num_classes) for name, f in train_features.items()}
     return probes, len(labels), num_classes
