@@ -17,7 +17,7 @@ import torch.distributed as dist
 from . import checkpoint
 from .batches import batch_loader
 from .config import Config, UsageError
-from .images import ImageFolder, open_images
+from .images import ImageFolder, entries_in_words, open_images
 from .model import ema_teacher
 from .monitor import KernelTimer, ProgressBar, StepLog, format_duration, kernels_in_words, summary, versions
 from .objectives import objective_of
@@ -75,7 +75,7 @@ def check_run(cfg: Config, world_size: int):
     if existing and not (cfg.resume or cfg.overwrite):
         raise UsageError(f"{out} already holds a run ({', '.join(existing)}); continue it with --resume "
                          f"or replace it with --overwrite")
-    images = open_images(cfg.data, cfg.num_images, cfg.source_size, cfg.seed)
+    images = open_images(cfg.data, cfg.num_images, cfg.source_size, cfg.seed, cfg.skip_bad_images)
     if len(images) < cfg.batch_size * world_size:
         processes = f" x {world_size} processes" if world_size > 1 else ""
         raise UsageError(f"{len(images)} images ({cfg.data or 'procedural set'}) are fewer than one "
@@ -162,7 +162,8 @@ def train(cfg: Config) -> dict:
     criterion = objective.make_criterion(cfg, group, world_size).to(device)
     torch.manual_seed(cfg.seed + 1 + rank)          # each rank its own stochastic-depth draws
 
-    start_step, skipped = 0, set()                  # skipped: files of images that could not be decoded
+    # skipped: files of images that could not be decoded, and entries that could not be read
+    start_step, skipped = 0, set(images.bad_entries)
     state = checkpoint.load(out / checkpoint.CHECKPOINT_NAME) if cfg.resume else None
     if state is not None:
         if state["world_size"] != world_size:
@@ -177,7 +178,8 @@ def train(cfg: Config) -> dict:
         scheduler.load_state_dict(state["scheduler"])
         criterion.load_state_dict(state.get("criterion", {}))   # LOCA checkpoints of before: no state
         checkpoint.set_rng_state(state["rng"][rank])
-        start_step, skipped = state["step"], set(state.get("skipped_images", ()))
+        start_step = state["step"]
+        skipped |= set(state.get("skipped_images", ()))
     # The settings as they took effect: where the output went, the device, the real image count.
     resolved = dataclasses.asdict(dataclasses.replace(
         cfg, output_dir=str(out.resolve()), device=str(device), num_images=len(images),
@@ -221,6 +223,9 @@ def train(cfg: Config) -> dict:
         eval_split = procedural_split(cfg, 2 * cfg.eval_images, cfg.eval_images)
     if rank == 0:
         print(_banner(cfg, world_size, device, images, out, start_step), flush=True)
+        if images.bad_entries:
+            print(f"loca_train: --skip-bad-images: skipping {entries_in_words(images.bad_entries)}",
+                  file=sys.stderr, flush=True)
 
     with StopRequest() as stop_request:
         t_ready = time.perf_counter()
