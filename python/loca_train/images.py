@@ -124,7 +124,7 @@ class ImageFolder:
             pixels = decode_image(path, self.size, self.max_pixels)
         except BadImage as error:
             raise BadImage(f"{error}; --skip-bad-images skips such images") from None
-        return torch.from_numpy(pixels).permute(2, 0, 1).contiguous()
+        return torch.from_numpy(np.ascontiguousarray(pixels.transpose(2, 0, 1)))   # one copy, writable
 
     def decode_error(self, index: int) -> BadImage:
         """The error of image `index`, decoded again here: loader processes report only indices."""
