@@ -19,6 +19,9 @@ import pytest
 import torch
 from PIL import Image
 
+from loca_train import images as images_module
+from loca_train import preset
+from loca_train.batches import StepBatches
 from loca_train.images import TRANSPARENT_BACKGROUND, BadImage, ImageFolder, decode_image, list_images
 from test_train import MICRO, _cli_args
 from test_train_cli import _assert_usage_error, _main
@@ -366,3 +369,29 @@ def test_sigterm_ends_a_run_without_loader_workers_promptly(tmp_path):
     # The checkpoint is at the step after the last one logged: nothing done is lost.
     steps_done = log.read_text().count("\n")
     assert steps_done >= 2 and torch.load(out / "checkpoint.pt", weights_only=True)["step"] == steps_done
+
+
+def test_an_image_past_the_pixel_limit_stops_a_run_or_is_skipped(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(images_module, "MAX_IMAGE_PIXELS", 720)        # a small limit, not a huge image
+    data = tmp_path / "data"
+    _folder(data, [f"c/good{i}.png" for i in range(5)])
+    big = data / "c" / "huge.png"
+    Image.new("RGB", (40, 30), (9, 9, 9)).save(big)                     # 1200 pixels
+    # 6 images, 2 steps of 4: every image is met.
+    status, _, err = _main(capsys, data=data, output_dir=tmp_path / "stopped")
+    _assert_usage_error(status, err, f"cannot decode image {big} (40x30 pixels, more than the limit of 720",
+                        "--skip-bad-images")
+    out = tmp_path / "skipped"
+    status, _, err = _main(capsys, "--skip-bad-images", data=data, output_dir=out)
+    assert status == 0 and err.count(f"skipped {big}") == 1, err
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["skipped_images"] == 1 and summary["skipped_image_files"] == [str(big)]
+
+
+def test_a_batch_from_images_none_of_which_decode_names_one(tmp_path, monkeypatch):
+    monkeypatch.setattr(images_module, "MAX_IMAGE_PIXELS", 10)
+    _folder(tmp_path, [f"c/{i}.png" for i in range(4)])
+    cfg = preset("tiny", **MICRO)
+    with pytest.raises(BadImage, match=r"none of the 4 images can be decoded, e.g. cannot decode image "
+                                       r"\S+/c/\d\.png \(\dx4 pixels, more than the limit of 10"):
+        StepBatches(ImageFolder(str(tmp_path), cfg.source_size, skip_bad=True), cfg)[0]

@@ -52,13 +52,15 @@ class StepBatches(torch.utils.data.Dataset):
         """Image `index`, or when it cannot be decoded the next one (in file order) that can,
         with the skipped indices appended to `bad`: the batch stays a function of the step.
         The training loop decides whether skipping is allowed."""
+        first = None
         for _ in range(len(self.images)):
             try:
                 return self.images[index]
-            except BadImage:
+            except BadImage as error:
+                first = first or error
                 bad.append(index)
                 index = (index + 1) % len(self.images)
-        raise BadImage("no image of the data set can be decoded")
+        raise BadImage(f"none of the {len(self.images)} images can be decoded, e.g. {first}")
 
 
 def canvas_size(images, source_size: int):

@@ -102,9 +102,10 @@ class ImageFolder:
 
     Entries that cannot be read are found while listing (list_images): without `skip_bad` they
     stop here with one BadImage naming them, with it they are left out and kept in
-    `bad_entries` (path: reason). Files that fail to decode raise BadImage when indexed."""
+    `bad_entries` (path: reason). Files that fail to decode, or hold more than `max_pixels`
+    pixels (None: MAX_IMAGE_PIXELS), raise BadImage when indexed."""
 
-    def __init__(self, root: str, size: int, skip_bad: bool = False, max_pixels: int = MAX_IMAGE_PIXELS):
+    def __init__(self, root: str, size: int, skip_bad: bool = False, max_pixels: Optional[int] = None):
         self.size, self.max_pixels = size, max_pixels
         self.files, self.bad_entries = list_images(root)
         if self.bad_entries and not skip_bad:
@@ -215,13 +216,15 @@ def _to_rgb(img):
     return img.convert("RGB")
 
 
-def decode_image(path: str, size: int = 0, max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarray:
+def decode_image(path: str, size: int = 0, max_pixels: Optional[int] = None) -> np.ndarray:
     """The image file `path` as uint8 (h, w, 3) RGB (_to_rgb), its longer side resized (bicubic)
     to `size` (0: full resolution). JPEGs are decoded at the smallest of 1/8, 1/4, 1/2 or full
     scale that keeps that size (PIL's draft). BadImage, naming the file, when it is no regular
     file (checked before it is opened: a FIFO would block), cannot be read or decoded, or
-    holds more than `max_pixels` pixels as decoded."""
+    holds more than `max_pixels` pixels as decoded (None: MAX_IMAGE_PIXELS)."""
     from PIL import Image
+
+    max_pixels = MAX_IMAGE_PIXELS if max_pixels is None else max_pixels
 
     try:
         info = os.stat(path)
@@ -274,10 +277,15 @@ class SegmentationFolder(ImageFolder):
                                  f"e.g. {missing[0]} (expected {self._mask_path(flag, missing[0])})")
             for file in self.files:
                 mask = self._mask_path(flag, file)
-                with Image.open(file) as img, Image.open(mask) as label:
-                    if img.size != label.size:
-                        raise UsageError(f"{flag}: mask {mask} is {label.size[0]}x{label.size[1]} pixels, "
-                                         f"its image {file} {img.size[0]}x{img.size[1]}")
+                try:
+                    with Image.open(file) as img, Image.open(mask) as label:
+                        sizes = img.size, label.size
+                except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
+                    raise UsageError(f"{flag}: cannot read the size of {file} or of its mask {mask} "
+                                     f"({error})") from None
+                if sizes[0] != sizes[1]:
+                    raise UsageError(f"{flag}: mask {mask} is {sizes[1][0]}x{sizes[1][1]} pixels, "
+                                     f"its image {file} {sizes[0][0]}x{sizes[0][1]}")
 
     def _mask_path(self, flag: str, file: str) -> Path:
         return (self.mask_dirs[flag] / Path(file).relative_to(self.root)).with_suffix(".png")
