@@ -144,7 +144,7 @@ class BadImage(UsageError):
 def _kind(mode: int) -> str:
     """What a non-regular file is, in words."""
     for test, kind in ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
-                       (stat.S_ISBLK, "a block device"), (stat.S_ISDIR, "a folder")):
+                       (stat.S_ISBLK, "a block device")):
         if test(mode):
             return kind
     return "not a regular file"
@@ -157,7 +157,7 @@ def list_images(root: str):
     block the reader forever). Symlinked folders are followed; a folder met again (a link
     loop, or two links to one folder) is listed once. Only the directory entries are read:
     no file is opened."""
-    files, bad, seen, folders = [], {}, set(), [str(root)]
+    files, bad, seen, folders = [], {}, set(), [str(Path(root))]     # paths as pathlib writes them
     while folders:
         folder = folders.pop()
         try:
