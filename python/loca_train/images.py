@@ -213,7 +213,7 @@ def _to_rgb(img):
         img = Image.new("RGB", rgba.size, TRANSPARENT_BACKGROUND)
         img.paste(rgba, mask=rgba.getchannel("A"))
         return img
-    return img.convert("RGB")
+    return img if img.mode == "RGB" else img.convert("RGB")     # convert would copy an RGB image
 
 
 def decode_image(path: str, size: int = 0, max_pixels: Optional[int] = None) -> np.ndarray:
