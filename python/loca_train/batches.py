@@ -8,6 +8,8 @@ gives exactly the batches an uninterrupted run sees.
 """
 from __future__ import annotations
 
+import signal
+
 import torch
 from torch.utils.data import DataLoader
 
@@ -52,13 +54,15 @@ class StepBatches(torch.utils.data.Dataset):
         """Image `index`, or when it cannot be decoded the next one (in file order) that can,
         with the skipped indices appended to `bad`: the batch stays a function of the step.
         The training loop decides whether skipping is allowed."""
+        first = None
         for _ in range(len(self.images)):
             try:
                 return self.images[index]
-            except BadImage:
+            except BadImage as error:
+                first = first or error
                 bad.append(index)
                 index = (index + 1) % len(self.images)
-        raise BadImage("no image of the data set can be decoded")
+        raise BadImage(f"none of the {len(self.images)} images can be decoded, e.g. {first}")
 
 
 def canvas_size(images, source_size: int):
@@ -69,6 +73,15 @@ def canvas_size(images, source_size: int):
     return max(image.shape[1] for image in images), max(image.shape[2] for image in images)
 
 
+def _leave_stops_to_the_trainer(worker_id: int) -> None:
+    """Loader workers ignore SIGINT and SIGTERM: a signal sent to the whole process group
+    (Ctrl-C, a job scheduler) would kill them and the trainer would fail with "DataLoader
+    worker is killed" before its checkpoint; the trainer stops after its step and the loader
+    ends its workers (they also exit when the trainer dies)."""
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
+
+
 def batch_loader(images, cfg: Config, start_step: int, rank: int, world_size: int) -> DataLoader:
     """Batches of steps start_step, ..., cfg.steps - 1, decoded by cfg.num_workers processes."""
     dataset = StepBatches(images, cfg, rank, world_size)
@@ -76,4 +89,4 @@ def batch_loader(images, cfg: Config, start_step: int, rank: int, world_size: in
     # create it at another step than uninterrupted ones).
     return DataLoader(dataset, batch_size=None, sampler=range(start_step, cfg.steps),
                       num_workers=cfg.num_workers, pin_memory=torch.cuda.is_available(),
-                      generator=torch.Generator())
+                      generator=torch.Generator(), worker_init_fn=_leave_stops_to_the_trainer)

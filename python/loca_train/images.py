@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import math
 import os
+import stat
+import warnings
 from pathlib import Path
 from typing import Optional
 
@@ -20,6 +22,12 @@ from .config import UsageError
 # Side of the procedural images at full resolution (source_size 0).
 PROCEDURAL_NATIVE_SIZE = 320
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+# Most pixels an image file may hold as decoded (after a JPEG's reduced-size decoding): 8192 x 8192.
+# At --source-size 0 a batch holds its images at full size, uint8 on the host and float32 on
+# the device, so memory grows with batch x this; PIL's own check would only warn below ~179 MP.
+MAX_IMAGE_PIXELS = 1 << 26
+# What transparent pixels show (alpha, palette or tRNS transparency): white, as a viewer shows them.
+TRANSPARENT_BACKGROUND = (255, 255, 255)
 
 
 # Classes of the procedural scenes' semantic maps (index = class).
@@ -45,6 +53,7 @@ class ProceduralImages:
         if split not in ("train", "eval"):
             raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
         self.num_images, self.size, self.seed, self.split = num_images, size, seed, split
+        self.bad_entries = {}   # as ImageFolder's: nothing here is unreadable
 
     def __len__(self) -> int:
         return self.num_images
@@ -87,37 +96,36 @@ class ProceduralImages:
 
 
 class ImageFolder:
-    """Images under `root/<class>/<file>` (any depth), decoded with PIL to RGB and resized so
-    that the longer side is `size` (0: kept at full resolution). Classes are ignored: LOCA
-    needs no labels."""
+    """Images under `root/<class>/<file>` (any depth, symlinked folders followed), decoded with
+    PIL to 8-bit RGB (decode_image) and resized so that the longer side is `size` (0: kept at
+    full resolution). Classes are ignored: LOCA needs no labels.
 
-    def __init__(self, root: str, size: int):
-        self.size = size
-        self.files = sorted(str(p) for p in Path(root).rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
+    Entries that cannot be read are found while listing (list_images): without `skip_bad` they
+    stop here with one BadImage naming them, with it they are left out and kept in
+    `bad_entries` (path: reason). Files that fail to decode, or hold more than `max_pixels`
+    pixels (None: MAX_IMAGE_PIXELS), raise BadImage when indexed."""
+
+    def __init__(self, root: str, size: int, skip_bad: bool = False, max_pixels: Optional[int] = None):
+        self.size, self.max_pixels = size, max_pixels
+        self.files, self.bad_entries = list_images(root)
+        if self.bad_entries and not skip_bad:
+            raise BadImage(f"--data {root}: {entries_in_words(self.bad_entries)}; "
+                           f"--skip-bad-images skips them")
         if not self.files:
-            raise UsageError(f"--data {root}: no images ({', '.join(IMAGE_EXTENSIONS)}) in it")
+            unreadable = f" that can be read ({entries_in_words(self.bad_entries)})" if self.bad_entries else ""
+            raise UsageError(f"--data {root}: no images ({', '.join(IMAGE_EXTENSIONS)}) in it{unreadable}")
 
     def __len__(self) -> int:
         return len(self.files)
 
     def __getitem__(self, index: int) -> torch.Tensor:
-        """The image `index`; BadImage when its file cannot be decoded."""
-        from PIL import Image  # only needed for image folders
-
+        """The image `index` as uint8 (3, h, w); BadImage when its file cannot be decoded."""
+        path = self.files[index]
         try:
-            with Image.open(self.files[index]) as img:
-                img = img.convert("RGB")
-                width, height = img.size
-                if self.size:
-                    scale = self.size / max(img.size)
-                    width, height = (max(1, round(side * scale)) for side in img.size)
-                    img = img.resize((width, height), Image.BICUBIC)
-                data = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8)
-        # What PIL raises for unreadable, truncated, unknown or oversized files.
-        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
-            raise BadImage(f"cannot decode image {self.files[index]} ({error}); "
-                           f"--skip-bad-images skips such images") from None
-        return data.view(height, width, 3).permute(2, 0, 1).contiguous()
+            pixels = decode_image(path, self.size, self.max_pixels)
+        except BadImage as error:
+            raise BadImage(f"{error}; --skip-bad-images skips such images") from None
+        return torch.from_numpy(np.ascontiguousarray(pixels.transpose(2, 0, 1)))   # one copy, writable
 
     def decode_error(self, index: int) -> BadImage:
         """The error of image `index`, decoded again here: loader processes report only indices."""
@@ -130,7 +138,119 @@ class ImageFolder:
 
 
 class BadImage(UsageError):
-    """An image file of an ImageFolder that cannot be decoded."""
+    """An image file or folder of an ImageFolder that cannot be read or decoded."""
+
+
+def _kind(mode: int) -> str:
+    """What a non-regular file is, in words."""
+    for test, kind in ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device")):
+        if test(mode):
+            return kind
+    return "not a regular file"
+
+
+def list_images(root: str):
+    """(files, bad_entries): the sorted paths of the image files under `root` (by suffix,
+    IMAGE_EXTENSIONS), and {path: reason} of what could not be listed or is no file: folders
+    that cannot be read, image names that are broken links or not regular files (a FIFO would
+    block the reader forever). Symlinked folders are followed; a folder met again (a link
+    loop, or two links to one folder) is listed once. Only the directory entries are read:
+    no file is opened."""
+    files, bad, seen, folders = [], {}, set(), [str(Path(root))]     # paths as pathlib writes them
+    while folders:
+        folder = folders.pop()
+        try:
+            info = os.stat(folder)
+            if (info.st_dev, info.st_ino) in seen:
+                continue
+            seen.add((info.st_dev, info.st_ino))
+            with os.scandir(folder) as scan:
+                entries = sorted(scan, key=lambda entry: entry.name)
+        except OSError as error:
+            bad[folder] = f"cannot read folder: {error.strerror}"
+            continue
+        subfolders = []
+        for entry in entries:
+            try:
+                if entry.is_dir():      # follows links; False for a dangling one
+                    subfolders.append(entry.path)
+                elif os.path.splitext(entry.name)[1].lower() in IMAGE_EXTENSIONS:
+                    if entry.is_file():
+                        files.append(entry.path)
+                    else:
+                        bad[entry.path] = _kind(os.stat(entry.path).st_mode)
+            except OSError as error:    # a dangling link, a link loop, an entry gone meanwhile
+                link = "link: " if entry.is_symlink() else ""
+                bad[entry.path] = f"{link}{error.strerror or error}"
+        folders.extend(reversed(subfolders))    # depth first, in name order
+    return sorted(files), bad
+
+
+def entries_in_words(bad: dict, shown: int = 3) -> str:
+    """"N entries cannot be read: path (reason), ... and K more" in one line."""
+    items = sorted(bad.items())
+    listed = ", ".join(f"{path} ({reason})" for path, reason in items[:shown])
+    more = f" and {len(items) - shown} more" if len(items) > shown else ""
+    return f"{len(items)} {'entry' if len(items) == 1 else 'entries'} cannot be read: {listed}{more}"
+
+
+def _to_rgb(img):
+    """`img` as an 8-bit RGB PIL image: 16-bit and 32-bit integer greyscale scaled (65535 -> 255),
+    transparency (alpha, premultiplied alpha, a palette's or a colour's tRNS) composited over
+    TRANSPARENT_BACKGROUND, CMYK by PIL's formula; BadImage for float pixels (no fixed range)."""
+    from PIL import Image
+
+    if img.mode.startswith("I"):
+        # PIL's own conversion clips 16-bit values at 255 (a 16-bit PNG turns almost white).
+        # Mode I (32-bit) is what several formats give 16-bit data as: the same range is read.
+        grey = np.asarray(img).astype(np.int64).clip(0, 65535)
+        img = Image.fromarray(((grey + 128) // 257).astype(np.uint8), "L")
+    elif img.mode == "F":
+        raise BadImage("32-bit float pixels (mode F) have no fixed range to map to 8 bits")
+    if "A" in img.mode or "a" in img.mode or "transparency" in img.info:
+        rgba = img.convert("RGBA")
+        img = Image.new("RGB", rgba.size, TRANSPARENT_BACKGROUND)
+        img.paste(rgba, mask=rgba.getchannel("A"))
+        return img
+    return img if img.mode == "RGB" else img.convert("RGB")     # convert would copy an RGB image
+
+
+def decode_image(path: str, size: int = 0, max_pixels: Optional[int] = None) -> np.ndarray:
+    """The image file `path` as uint8 (h, w, 3) RGB (_to_rgb), its longer side resized (bicubic)
+    to `size` (0: full resolution). JPEGs are decoded at the smallest of 1/8, 1/4, 1/2 or full
+    scale that keeps that size (PIL's draft). BadImage, naming the file, when it is no regular
+    file (checked before it is opened: a FIFO would block), cannot be read or decoded, or
+    holds more than `max_pixels` pixels as decoded (None: MAX_IMAGE_PIXELS)."""
+    from PIL import Image
+
+    max_pixels = MAX_IMAGE_PIXELS if max_pixels is None else max_pixels
+
+    try:
+        info = os.stat(path)
+        if not stat.S_ISREG(info.st_mode):
+            raise BadImage(_kind(info.st_mode))
+        with warnings.catch_warnings():     # PIL warns of large images; max_pixels is the limit here
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(path)
+        with img:
+            width, height = img.size
+            if size:
+                scale = size / max(img.size)
+                width, height = (max(1, round(side * scale)) for side in img.size)
+                img.draft(img.mode, (width, height))
+            if img.width * img.height > max_pixels:
+                raise BadImage(f"{img.width}x{img.height} pixels, more than the limit of {max_pixels} "
+                               f"(MAX_IMAGE_PIXELS); shrink it, or give --source-size to decode JPEGs smaller")
+            img.load()
+            rgb = _to_rgb(img)
+            if rgb.size != (width, height):
+                rgb = rgb.resize((width, height), Image.BICUBIC)
+            return np.asarray(rgb)
+    # What PIL raises for unreadable, truncated, unknown or oversized files (and BadImage, a ValueError).
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
+        reason = error.strerror if isinstance(error, OSError) and error.strerror else str(error)
+        raise BadImage(f"cannot decode image {path} ({reason})") from None
 
 
 class SegmentationFolder(ImageFolder):
@@ -157,10 +277,15 @@ class SegmentationFolder(ImageFolder):
                                  f"e.g. {missing[0]} (expected {self._mask_path(flag, missing[0])})")
             for file in self.files:
                 mask = self._mask_path(flag, file)
-                with Image.open(file) as img, Image.open(mask) as label:
-                    if img.size != label.size:
-                        raise UsageError(f"{flag}: mask {mask} is {label.size[0]}x{label.size[1]} pixels, "
-                                         f"its image {file} {img.size[0]}x{img.size[1]}")
+                try:
+                    with Image.open(file) as img, Image.open(mask) as label:
+                        sizes = img.size, label.size
+                except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
+                    raise UsageError(f"{flag}: cannot read the size of {file} or of its mask {mask} "
+                                     f"({error})") from None
+                if sizes[0] != sizes[1]:
+                    raise UsageError(f"{flag}: mask {mask} is {sizes[1][0]}x{sizes[1][1]} pixels, "
+                                     f"its image {file} {sizes[0][0]}x{sizes[0][1]}")
 
     def _mask_path(self, flag: str, file: str) -> Path:
         return (self.mask_dirs[flag] / Path(file).relative_to(self.root)).with_suffix(".png")
@@ -190,10 +315,11 @@ class SegmentationFolder(ImageFolder):
         return image, instances, self._read_mask("--masks", index, size)
 
 
-def open_images(data, num_images: int, size: int, seed: int):
-    """The image set a run trains on: ImageFolder(data) or the procedural set when data is None."""
+def open_images(data, num_images: int, size: int, seed: int, skip_bad: bool = False):
+    """The image set a run trains on: ImageFolder(data, size, skip_bad) or the procedural set
+    when data is None."""
     if data is None:
         return ProceduralImages(num_images, size or PROCEDURAL_NATIVE_SIZE, seed)
     if not os.path.isdir(data):
         raise UsageError(f"--data {data}: {'not a directory' if os.path.exists(data) else 'no such directory'}")
-    return ImageFolder(data, size)
+    return ImageFolder(data, size, skip_bad)

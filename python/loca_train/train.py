@@ -22,7 +22,7 @@ from .batches import batch_loader
 from .config import Config, UsageError, resume_changes
 from .evaluation.data import procedural_split
 from .evaluation.runner import training_metrics
-from .images import ImageFolder, open_images
+from .images import ImageFolder, entries_in_words, open_images
 from .monitor import KernelTimer, ProgressBar, format_duration, kernels_in_words, summary, versions
 from .networks import ema_teacher
 from .objectives import Objective, objective_of
@@ -74,7 +74,7 @@ def check_run(cfg: Config, world_size: int):
     device, the output folder, the data. Raises UsageError; returns the image set."""
     _device_type(cfg)
     run_folder.check_folder(cfg.resume, cfg.overwrite, output_dir(cfg))
-    images = open_images(cfg.data, cfg.num_images, cfg.source_size, cfg.seed)
+    images = open_images(cfg.data, cfg.num_images, cfg.source_size, cfg.seed, cfg.skip_bad_images)
     if len(images) < cfg.batch_size * world_size:
         processes = f" x {world_size} processes" if world_size > 1 else ""
         raise UsageError(f"{len(images)} images ({cfg.data or 'procedural set'}) are fewer than one "
@@ -171,6 +171,9 @@ def _train(cfg: Config, lock: run_folder.RunLock) -> dict:
     _write_config(run)
     if run.rank == 0:
         print(_banner(cfg, run.world_size, run.device, images, run.out, run.start_step), flush=True)
+        if images.bad_entries:
+            print(f"loca_train: --skip-bad-images: skipping {entries_in_words(images.bad_entries)}",
+                  file=sys.stderr, flush=True)
     records, stopped, step = _steps(run, lock)
     return _finish(run, records, stopped, step, time.perf_counter() - t_start)
 
@@ -199,8 +202,9 @@ def _build(cfg: Config, images, lock: run_folder.RunLock) -> Run:
     resolved = dataclasses.asdict(dataclasses.replace(
         cfg, output_dir=str(out.resolve()), device=str(device), num_images=len(images),
         data=os.path.abspath(cfg.data) if cfg.data else None))
+    # skipped: files of images that could not be decoded, and entries that could not be read
     return Run(cfg, images, rank, world_size, device, group, out, objective, student, teacher, optimizer, scheduler,
-               criterion, resolved=resolved)
+               criterion, skipped=set(images.bad_entries), resolved=resolved)
 
 
 def _resume(run: Run) -> None:
@@ -222,7 +226,8 @@ def _resume(run: Run) -> None:
     run.scheduler.load_state_dict(state["scheduler"])
     run.criterion.load_state_dict(state.get("criterion", {}))   # LOCA checkpoints of before: no state
     checkpoint.set_rng_state(state["rng"][run.rank])
-    run.start_step, run.skipped = state["step"], set(state.get("skipped_images", ()))
+    run.start_step = state["step"]
+    run.skipped |= set(state.get("skipped_images", ()))
 
 
 def _write_config(run: Run) -> None:
