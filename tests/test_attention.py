@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import loca_kernels as lk
-from helpers import assert_close, backend_params, compile_for_gpu
+from helpers import IGNORE_NUMPY_NAN_WARNINGS, assert_close, backend_params, compile_for_gpu, non_finite_params
 from loca_kernels._backends import extension_has_kernel
 from loca_kernels.attention.keep import compact_keep
 
@@ -335,10 +335,6 @@ def test_triton_kernels_compile_for_a_gpu():
 # hidden tokens, and a non-finite score makes its whole row NaN on every backend.
 
 BACKENDS = backend_params("attention_forward")
-# NaN inputs make numpy, which runs the Triton interpreter, warn.
-IGNORE_NUMPY_NAN_WARNINGS = pytest.mark.filterwarnings("ignore::RuntimeWarning")
-NON_FINITE = [pytest.param(float("nan"), id="nan"), pytest.param(float("inf"), id="+inf"),
-              pytest.param(float("-inf"), id="-inf")]
 # (Bk=2, V=2, Nq=5, Nk=9, H=2, D=16). Query rows 0 and 2 read reference 0, rows 1 and 3
 # reference 1; row 3 sees no token.
 _SEEN = {0: [0, 2, 3, 7], 1: [1, 4, 5, 8], 2: [0, 3, 6], 3: []}
@@ -364,9 +360,8 @@ def _non_finite_problem():
 
 
 @IGNORE_NUMPY_NAN_WARNINGS
-@pytest.mark.parametrize("value", NON_FINITE)
-@pytest.mark.parametrize("where", list(_NON_FINITE_CASES))
-@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("backend,device,where,value",
+                         non_finite_params(BACKENDS, {where: (where,) for where in _NON_FINITE_CASES}))
 def test_non_finite_inputs_spread_only_from_visible_tokens(where, value, backend, device):
     q, k, v, keep = _non_finite_problem()
     name, index, spread = _NON_FINITE_CASES[where]
@@ -398,9 +393,8 @@ def test_non_finite_inputs_spread_only_from_visible_tokens(where, value, backend
 
 
 @IGNORE_NUMPY_NAN_WARNINGS
-@pytest.mark.parametrize("value", NON_FINITE)
-@pytest.mark.parametrize("keep_form", ["index", "run"])
-@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("backend,device,keep_form,value",
+                         non_finite_params(BACKENDS, {"index": ("index",), "run": ("run",)}))
 def test_non_finite_hidden_tokens_do_not_count_for_index_and_run_keeps(keep_form, value, backend, device):
     q, k, v = make(2, 2, 5, 40, 2, 16, dtype=torch.float32, seed=6)
     if keep_form == "index":

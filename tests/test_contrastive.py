@@ -6,7 +6,8 @@ import torch
 import torch.nn.functional as F
 
 import loca_kernels as lk
-from helpers import TOLERANCES, assert_close, backend_params, compile_for_gpu
+from helpers import (IGNORE_NUMPY_NAN_WARNINGS, NON_FINITE, TOLERANCES, assert_close, backend_params, compile_for_gpu,
+                     non_finite_params)
 from loca_kernels._backends import TRITON_AVAILABLE, extension_has_kernel
 from loca_kernels.contrastive.ops import OPERATORS
 
@@ -322,10 +323,6 @@ def test_triton_kernel_compiles_for_a_gpu():
 # ---- NaN and infinities (SPEC.md section 5): a non-finite logit of a row (a -inf one
 # included) makes its loss NaN; one in the queue makes every loss NaN.
 
-# NaN inputs make numpy, which runs the Triton interpreter, warn.
-IGNORE_NUMPY_NAN_WARNINGS = pytest.mark.filterwarnings("ignore::RuntimeWarning")
-NON_FINITE = [pytest.param(float("nan"), id="nan"), pytest.param(float("inf"), id="+inf"),
-              pytest.param(float("-inf"), id="-inf")]
 # where: (tensor, index of the bad entry, rows whose loss is NaN). K = 70: entry 65 lies in
 # the Triton kernel's second queue tile; row 5 past the first 4.
 _NON_FINITE_CASES = {
@@ -337,9 +334,8 @@ _NON_FINITE_CASES = {
 
 
 @IGNORE_NUMPY_NAN_WARNINGS
-@pytest.mark.parametrize("value", NON_FINITE)
-@pytest.mark.parametrize("where", list(_NON_FINITE_CASES))
-@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("backend,device,where,value",
+                         non_finite_params(BACKENDS, {where: (where,) for where in _NON_FINITE_CASES}))
 def test_non_finite_inputs_give_nan_losses(where, value, backend, device):
     query, positive, queue = (t.float() for t in make(7, 70, 16, seed=3, transposed=False))
     clean = lk.queue_contrastive_loss(query, positive, queue, reduction="none", backend="torch")

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import loca_kernels as lk
-from helpers import assert_close, backend_params, compile_for_gpu
+from helpers import IGNORE_NUMPY_NAN_WARNINGS, assert_close, backend_params, compile_for_gpu, non_finite_params
 from loca_kernels._backends import extension_has_kernel
 from loca_kernels.targets import geometry
 
@@ -482,10 +482,6 @@ def test_rotation_predictor_is_gtsas_head():
 # ---- NaN and infinities (SPEC.md section 7): a non-finite feature value makes NaN exactly the
 # bins that give its pixel a nonzero weight; a non-finite region coordinate its whole result.
 
-# NaN inputs make numpy, which runs the Triton interpreter, warn.
-IGNORE_NUMPY_NAN_WARNINGS = pytest.mark.filterwarnings("ignore::RuntimeWarning")
-NON_FINITE = [pytest.param(float("nan"), id="nan"), pytest.param(float("inf"), id="+inf"),
-              pytest.param(float("-inf"), id="-inf")]
 
 
 def _non_finite_problem():
@@ -505,12 +501,20 @@ def _run(features, args, backend, device, **kw):
     return lk.crop_features(features.to(device), **moved, backend=backend, **kw).cpu()
 
 
+# (pixel (m, c, i, j) of features, sampling_ratio)
+_FEATURE_CASES = {
+    "zero-weight-corner": ((0, 1, 1, 3), -1),
+    "inside": ((0, 1, 2, 2), -1),
+    "inside-2-samples": ((0, 1, 2, 2), 2),
+    "outside-every-region": ((0, 0, 5, 0), -1),
+    "turned-view": ((1, 2, 2, 4), -1),
+    "turned-view-2-samples": ((1, 2, 2, 4), 2),
+    "turned-corner": ((1, 0, 0, 0), -1),
+}
+
+
 @IGNORE_NUMPY_NAN_WARNINGS
-@pytest.mark.parametrize("sampling_ratio", [-1, 2])
-@pytest.mark.parametrize("value", NON_FINITE)
-@pytest.mark.parametrize("pixel", [(0, 1, 1, 3), (0, 1, 2, 2), (0, 0, 5, 0), (1, 2, 2, 4), (1, 0, 0, 0)],
-                         ids=["zero-weight-corner", "inside", "outside-every-region", "turned-view", "turned-corner"])
-@pytest.mark.parametrize("backend,device", ALL)
+@pytest.mark.parametrize("backend,device,pixel,sampling_ratio,value", non_finite_params(ALL, _FEATURE_CASES))
 def test_non_finite_features_give_nan_where_weighted(pixel, value, sampling_ratio, backend, device):
     features, args = _non_finite_problem()
     clean = _run(features, args, "torch", "cpu", sampling_ratio=sampling_ratio)
@@ -544,10 +548,8 @@ def test_non_finite_feature_cases_cover_weighted_and_unweighted_pixels():
 
 
 @IGNORE_NUMPY_NAN_WARNINGS
-@pytest.mark.parametrize("sampling_ratio", [-1, 2])
-@pytest.mark.parametrize("value", NON_FINITE)
-@pytest.mark.parametrize("coordinate", [(1, 0, 2), (0, 1, 0)], ids=["x1", "x0"])
-@pytest.mark.parametrize("backend,device", ALL)
+@pytest.mark.parametrize("backend,device,coordinate,sampling_ratio,value", non_finite_params(ALL, {
+    "x1": ((1, 0, 2), -1), "x1-2-samples": ((1, 0, 2), 2), "x0": ((0, 1, 0), -1), "y0-2-samples": ((0, 1, 1), 2)}))
 def test_non_finite_region_gives_nan(coordinate, value, sampling_ratio, backend, device):
     features, args = _non_finite_problem()
     clean = _run(features, args, "torch", "cpu", sampling_ratio=sampling_ratio)
@@ -560,6 +562,7 @@ def test_non_finite_region_gives_nan(coordinate, value, sampling_ratio, backend,
     assert torch.equal(_run(features, args, "torch", "cpu", sampling_ratio=sampling_ratio).isnan(), expected)
 
 
+@IGNORE_NUMPY_NAN_WARNINGS
 @pytest.mark.parametrize("backend,device", ALL)
 def test_huge_region_with_a_fixed_sampling_ratio_is_quick(backend, device):
     # Fixed samples per bin: the work does not grow with the region (its samples lie outside: 0).
