@@ -144,7 +144,8 @@ def masked_cross_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ke
 
     Returns:
         (Bq, Nq, H, D) in q's dtype. A row with no visible token gives zeros (and zero
-        gradients). Differentiable in q, k and v.
+        gradients). Differentiable in q, k and v. A NaN or infinite q, visible k or scale makes
+        its rows NaN; hidden tokens never count (SPEC.md section 1).
     """
     _check_inputs(q, k, v, keep)
     if scale is None:

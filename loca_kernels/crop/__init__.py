@@ -90,7 +90,9 @@ def crop_features(features: torch.Tensor, view_boxes: torch.Tensor, regions: tor
         view_rot90: (M,) int in 0..3: after the flip the view was turned by
             torch.rot90(view, k, dims=(-2, -1)).
         sampling_ratio: samples per bin along each axis, or -1 for ceil(region size / out size)
-            as roi_align (0 and other negative values are rejected).
+            as roi_align (0 and other negative values are rejected). At most MAX_SAMPLES (256)
+            either way: a larger value, or with -1 a finite region that would take more, is a
+            ValueError.
         backend: None, "torch", "cpu" or "triton".
 
     Returns:
@@ -98,7 +100,9 @@ def crop_features(features: torch.Tensor, view_boxes: torch.Tensor, regions: tor
         roi_align(u, [box], (oh, ow), spatial_scale=1, sampling_ratio, aligned=True) with u the map
         turned back and unflipped (rows down and columns right as in the source image) and box the
         region in u's pixels. Box arithmetic in float32 (reference.py). Differentiable in features;
-        the fused backward passes are deterministic.
+        the fused backward passes are deterministic. NaN (SPEC.md section 7): in all of [m, r] for
+        a region with a NaN or infinite coordinate; for a NaN or infinite feature value, in the
+        bins that give its pixel a nonzero weight.
     """
     check_tensor(OP, "features", features, ndim=4, layout="(M, C, h, w)", dtypes=DTYPES)
     check_tensor(OP, "view_boxes", view_boxes, ndim=2, layout="(M, 4)")
