@@ -66,14 +66,17 @@ def values_checkable(x: torch.Tensor) -> bool:
 
 
 def check_boxes(op: str, name: str, boxes: torch.Tensor) -> None:
-    """Floating boxes (..., 4) (x0, y0, x1, y1), each with x1 > x0 and y1 > y0."""
+    """Floating boxes (..., 4) (x0, y0, x1, y1), each finite with x1 > x0 and y1 > y0."""
     if not boxes.dtype.is_floating_point:
         raise TypeError(f"{op}: {name} must be a floating tensor, got {boxes.dtype}")
     if boxes.shape[-1] != 4:
         raise ValueError(f"{op}: {name} must end in 4 coordinates (x0, y0, x1, y1), got shape {shape_str(boxes)}")
     if values_checkable(boxes) and boxes.numel():
         x0, y0, x1, y1 = boxes.unbind(-1)
-        if not bool(((x1 > x0) & (y1 > y0)).all()):
+        finite, ordered = torch.stack([torch.isfinite(boxes).all(), ((x1 > x0) & (y1 > y0)).all()]).tolist()
+        if not finite:
+            raise ValueError(f"{op}: every coordinate of {name} must be finite, got a NaN or infinite one")
+        if not ordered:
             raise ValueError(f"{op}: every box of {name} must have x1 > x0 and y1 > y0")
 
 

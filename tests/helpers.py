@@ -77,6 +77,29 @@ def backend_params(operator: str, *, reference: bool = True) -> list:
     return params
 
 
+# NaN and infinite inputs (each op's SPEC section says where they spread). NaN inputs make
+# numpy, which runs the Triton interpreter, warn.
+NON_FINITE = [pytest.param(float("nan"), id="nan"), pytest.param(float("inf"), id="+inf"),
+              pytest.param(float("-inf"), id="-inf")]
+IGNORE_NUMPY_NAN_WARNINGS = pytest.mark.filterwarnings("ignore::RuntimeWarning")
+
+
+def non_finite_params(backends: list, cases: dict) -> list:
+    """pytest params (backend, device, *case, value) of a non-finite input test: each case
+    (id -> tuple of arguments) with NaN, +inf and -inf on every backend of `backends`
+    (backend_params), except under the slow Triton interpreter, where case i takes one value
+    only (the values in turn)."""
+    params = []
+    for backend in backends:
+        interpreted = backend.id == "triton-cpu"
+        for i, (case_id, case) in enumerate(cases.items()):
+            for j, value in enumerate(NON_FINITE):
+                if not interpreted or j == i % len(NON_FINITE):
+                    params.append(pytest.param(*backend.values, *case, *value.values, marks=backend.marks,
+                                               id=f"{backend.id}-{case_id}-{value.id}"))
+    return params
+
+
 # Run in a child process: the Triton interpreter (TRITON_INTERPRET=1, set for the tests)
 # patches triton.language in its process, which breaks a later compile in that process.
 _COMPILE_PRELUDE = """

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import loca_kernels as lk
-from helpers import assert_close, backend_params, compile_for_gpu
+from helpers import IGNORE_NUMPY_NAN_WARNINGS, assert_close, backend_params, compile_for_gpu, non_finite_params
 from loca_kernels._backends import extension_has_kernel
 from loca_kernels.attention.keep import compact_keep
 
@@ -329,3 +329,110 @@ def test_triton_kernels_compile_for_a_gpu():
                               **extra)
             compile_triton_kernel(kernel, types, constexprs, options={"enable_fp_fusion": True})
     """)
+
+
+# ---- NaN and infinities (SPEC.md section 1): they spread from what a row sees, never from
+# hidden tokens, and a non-finite score makes its whole row NaN on every backend.
+
+BACKENDS = backend_params("attention_forward")
+# (Bk=2, V=2, Nq=5, Nk=9, H=2, D=16). Query rows 0 and 2 read reference 0, rows 1 and 3
+# reference 1; row 3 sees no token.
+_SEEN = {0: [0, 2, 3, 7], 1: [1, 4, 5, 8], 2: [0, 3, 6], 3: []}
+# where: (tensor, index of the bad entry, the out entries it makes non-finite: (rows, heads, channels)).
+_NON_FINITE_CASES = {
+    "q": ("q", (1, 2, 0, 3), ([1], [2], [0], slice(None))),
+    "q-of-a-row-seeing-nothing": ("q", (3, 1, 1, 0), None),
+    "k-seen-by-two-views": ("k", (0, 3, 1, 5), ([0, 2], slice(None), [1], slice(None))),
+    "k-seen-by-one-view": ("k", (0, 7, 0, 2), ([0], slice(None), [0], slice(None))),
+    "k-hidden": ("k", (0, 1, 1, 5), None),
+    "v-seen": ("v", (1, 4, 0, 7), ([1], slice(None), [0], [7])),
+    "v-hidden": ("v", (1, 6, 1, 7), None),
+    "scale": ("scale", None, ([0, 1, 2], slice(None), slice(None), slice(None))),
+}
+
+
+def _non_finite_problem():
+    q, k, v = make(2, 2, 5, 9, 2, 16, dtype=torch.float32, seed=5)
+    keep = torch.zeros(4, 9, dtype=torch.bool)
+    for row, seen in _SEEN.items():
+        keep[row, seen] = True
+    return q, k, v, keep
+
+
+@IGNORE_NUMPY_NAN_WARNINGS
+@pytest.mark.parametrize("backend,device,where,value",
+                         non_finite_params(BACKENDS, {where: (where,) for where in _NON_FINITE_CASES}))
+def test_non_finite_inputs_spread_only_from_visible_tokens(where, value, backend, device):
+    q, k, v, keep = _non_finite_problem()
+    name, index, spread = _NON_FINITE_CASES[where]
+    scale = 0.25
+    clean = lk.masked_cross_attention(q, k, v, keep, scale=scale, backend="torch")
+    if name == "scale":
+        scale = value
+    else:
+        {"q": q, "k": k, "v": v}[name][index] = value
+    got = lk.masked_cross_attention(q.to(device), k.to(device), v.to(device), keep.to(device), scale=scale,
+                                    backend=backend).cpu()
+    expected = torch.zeros(got.shape, dtype=torch.bool)
+    if spread is not None:
+        rows, tokens, heads, channels = spread
+        for row in rows:
+            expected[row, tokens, heads, channels] = True
+    if name == "v":  # NaN for NaN; an infinity stays one (positive weights, no opposite infinity)
+        is_nan = value != value
+        assert torch.equal(got.isnan(), expected & is_nan) and torch.equal(got.isinf(), expected & (not is_nan))
+        assert torch.all(got[got.isinf()] == value)
+    else:
+        assert torch.equal(got.isnan(), expected), f"{int(got.isnan().sum())} NaN, expected {int(expected.sum())}"
+        assert not got.isinf().any()
+    assert torch.all(got[3] == 0)  # the row seeing nothing
+    # The rest is untouched, and the reference agrees everywhere.
+    assert_close(got[~expected], clean[~expected], torch.float32)
+    reference = lk.masked_cross_attention(q, k, v, keep, scale=scale, backend="torch")
+    assert_close(got, reference, torch.float32)
+
+
+@IGNORE_NUMPY_NAN_WARNINGS
+@pytest.mark.parametrize("backend,device,keep_form,value",
+                         non_finite_params(BACKENDS, {"index": ("index",), "run": ("run",)}))
+def test_non_finite_hidden_tokens_do_not_count_for_index_and_run_keeps(keep_form, value, backend, device):
+    q, k, v = make(2, 2, 5, 40, 2, 16, dtype=torch.float32, seed=6)
+    if keep_form == "index":
+        keep = torch.tensor([[5, 1, 33], [2, 30, 39]])     # per reference, shared by its views
+    else:
+        keep = lk.KeepRun(torch.tensor([1, 30]), 3)        # tokens 1..3 of reference 0, 30..32 of reference 1
+    clean = lk.masked_cross_attention(q, k, v, keep, backend="torch")
+    k[0, 4], v[0, 4], k[1, 35], v[1, 35] = value, value, value, value   # hidden in both forms
+    got = lk.masked_cross_attention(q.to(device), k.to(device), v.to(device),
+                                    keep if keep_form == "index" else lk.KeepRun(keep.start.to(device), 3),
+                                    backend=backend).cpu()
+    assert torch.isfinite(got).all()
+    assert_close(got, clean, torch.float32)
+    k[1, 30, 1, 0] = value                                 # seen by the views of reference 1, head 1 (both forms)
+    got = lk.masked_cross_attention(q.to(device), k.to(device), v.to(device),
+                                    keep if keep_form == "index" else lk.KeepRun(keep.start.to(device), 3),
+                                    backend=backend).cpu()
+    expected = torch.zeros(got.shape, dtype=torch.bool)
+    expected[[1, 3], :, 1] = True
+    assert torch.equal(got.isnan(), expected)
+    assert_close(got, lk.masked_cross_attention(q, k, v, keep, backend="torch"), torch.float32)
+
+
+@IGNORE_NUMPY_NAN_WARNINGS
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_non_finite_inputs_in_half_precision(backend, device):
+    q, k, v, keep = _non_finite_problem()
+    q, k, v = q.half(), k.half(), v.half()
+    q[1, 2, 0, 3], k[1, 8, 1, 0], k[0, 1, 1, 5] = float("inf"), float("nan"), float("nan")  # the last hidden
+    got = lk.masked_cross_attention(q.to(device), k.to(device), v.to(device), keep.to(device), backend=backend).cpu()
+    expected = torch.zeros(got.shape, dtype=torch.bool)
+    expected[1, 2, 0] = True
+    expected[1, :, 1] = True
+    assert torch.equal(got.isnan(), expected)
+
+
+def test_uint8_keep_is_a_dtype_error():
+    q, k, v = make(2, 1, 3, 5, 1, 16)
+    mask = torch.tensor([[1, 0, 1, 1, 0], [0, 1, 1, 0, 0]], dtype=torch.uint8)
+    with pytest.raises(TypeError, match=r"masked_cross_attention: keep .*got torch.uint8.*keep.bool\(\)"):
+        lk.masked_cross_attention(q, k, v, mask)

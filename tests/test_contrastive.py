@@ -6,7 +6,8 @@ import torch
 import torch.nn.functional as F
 
 import loca_kernels as lk
-from helpers import TOLERANCES, assert_close, backend_params, compile_for_gpu
+from helpers import (IGNORE_NUMPY_NAN_WARNINGS, NON_FINITE, TOLERANCES, assert_close, backend_params, compile_for_gpu,
+                     non_finite_params)
 from loca_kernels._backends import TRITON_AVAILABLE, extension_has_kernel
 from loca_kernels.contrastive.operators import OPERATORS
 
@@ -317,3 +318,52 @@ def test_triton_kernel_compiles_for_a_gpu():
             constexprs = dict(BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, BLOCK_D=block_d, WITH_GRAD=with_grad, DOT_FP32=False)
             compile_triton_kernel(kernel, types, constexprs, options={"enable_fp_fusion": True})
     """)
+
+
+# ---- NaN and infinities (SPEC.md section 5): a non-finite logit of a row (a -inf one
+# included) makes its loss NaN; one in the queue makes every loss NaN.
+
+# where: (tensor, index of the bad entry, rows whose loss is NaN). K = 70: entry 65 lies in
+# the Triton kernel's second queue tile; row 5 past the first 4.
+_NON_FINITE_CASES = {
+    "query": ("query", (2, 3), [2]),
+    "positive": ("positive", (5, 0), [5]),
+    "queue-first-tile": ("queue", (3, 9), "all"),
+    "queue-second-tile": ("queue", (65, 4), "all"),
+}
+
+
+@IGNORE_NUMPY_NAN_WARNINGS
+@pytest.mark.parametrize("backend,device,where,value",
+                         non_finite_params(BACKENDS, {where: (where,) for where in _NON_FINITE_CASES}))
+def test_non_finite_inputs_give_nan_losses(where, value, backend, device):
+    query, positive, queue = (t.float() for t in make(7, 70, 16, seed=3, transposed=False))
+    clean = lk.queue_contrastive_loss(query, positive, queue, reduction="none", backend="torch")
+    name, index, rows = _NON_FINITE_CASES[where]
+    {"query": query, "positive": positive, "queue": queue}[name][index] = value
+    expected = torch.zeros(7, dtype=torch.bool)
+    expected[rows if rows != "all" else slice(None)] = True
+    inputs = [t.to(device) for t in (query, positive, queue)]
+    got = lk.queue_contrastive_loss(*inputs, reduction="none", backend=backend).cpu()
+    assert torch.equal(got.isnan(), expected), f"{got}"
+    assert torch.isfinite(got[~expected]).all()
+    assert_close(got[~expected], clean[~expected], torch.float32)
+    assert_close(got, lk.queue_contrastive_loss(query, positive, queue, reduction="none", backend="torch"),
+                 torch.float32)
+    for reduction in ("mean", "sum"):
+        assert lk.queue_contrastive_loss(*inputs, reduction=reduction, backend=backend).isnan()
+
+
+@IGNORE_NUMPY_NAN_WARNINGS
+@pytest.mark.parametrize("value", NON_FINITE)
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_non_finite_inputs_with_an_empty_queue_or_half_precision(value, backend, device):
+    query, positive, queue = (t.float() for t in make(4, 20, 16, seed=4))
+    query[1, 0] = value
+    got = lk.queue_contrastive_loss(query.to(device), positive.to(device), queue[:0].to(device), reduction="none",
+                                    backend=backend).cpu()
+    assert torch.equal(got.isnan(), torch.tensor([False, True, False, False]))
+    assert torch.all(got[~got.isnan()] == 0)
+    got = lk.queue_contrastive_loss(query.half().to(device), positive.half().to(device), queue.half().to(device),
+                                    reduction="none", backend=backend).cpu()
+    assert torch.equal(got.isnan(), torch.tensor([False, True, False, False]))

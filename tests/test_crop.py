@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import loca_kernels as lk
-from helpers import assert_close, backend_params, compile_for_gpu
+from helpers import IGNORE_NUMPY_NAN_WARNINGS, assert_close, backend_params, compile_for_gpu, non_finite_params
 from loca_kernels._backends import extension_has_kernel
 from loca_kernels import geometry
 
@@ -351,6 +351,17 @@ ERRORS = [  # (change of the good arguments, exception, words the message must c
     (dict(sampling_ratio=0), ValueError, "sampling_ratio must be -1"),
     (dict(sampling_ratio=-2), ValueError, "sampling_ratio must be -1"),
     (dict(sampling_ratio=1.5), TypeError, "sampling_ratio must be an int"),
+    # Bounded work and finite view boxes (SPEC.md section 7).
+    (dict(sampling_ratio=257), ValueError, "sampling_ratio must be -1 (adaptive) or in .1, 256., got 257"),
+    (dict(sampling_ratio=10**12), ValueError, "sampling_ratio must be -1 (adaptive) or in .1, 256."),
+    (dict(regions=torch.tensor([[[0.0, 0, 1, 1]], [[0.0, 0, 1e6, 2]]])), ValueError,
+     "regions.1, 0. = .0.0, 0.0, 1000000.0, 2.0. is too large for its view with sampling_ratio=-1"),
+    (dict(regions=torch.tensor([[[0.0, 0, 1, 1]], [[0.0, -1e12, 1, 1e12]]])), ValueError, "more than 256 samples"),
+    (dict(regions=torch.tensor([[[0.0, 0, 1, 1e38]], [[0.0, 0, 1, 1]]])), ValueError, "regions.0, 0. = "),
+    (dict(view_boxes=torch.tensor([[0.0, 0.0, 4.0, 4.0], [0.0, float("nan"), 4.0, 4.0]])), ValueError,
+     "every coordinate of view_boxes must be finite"),
+    (dict(view_boxes=torch.tensor([[0.0, 0.0, float("inf"), 4.0], [0.0, 0, 4.0, 4.0]])), ValueError,
+     "view_boxes must be finite"),
     (dict(backend="nope"), ValueError, "backend must be None or one of"),
 ]
 
@@ -466,3 +477,97 @@ def test_rotation_predictor_is_gtsas_head():
     assert logits.shape == (5, 4)
     assert_close(logits, gtsa(tokens.mean(dim=1)), torch.float32)
     assert_close(head(tokens[:, torch.randperm(7)]), logits, torch.float32)  # a mean over the tokens
+
+
+# ---- NaN and infinities (SPEC.md section 7): a non-finite feature value makes NaN exactly the
+# bins that give its pixel a nonzero weight; a non-finite region coordinate its whole result.
+
+
+
+def _non_finite_problem():
+    """Two 6 x 6 views, the second flipped and turned once. Region (1, 1, 3, 3) of view 0 puts
+    its samples on pixels (x = 1, 2): their other corner (2, 3) has weight 0."""
+    g = torch.Generator().manual_seed(7)
+    features = torch.randn(2, 3, 6, 6, generator=g)
+    args = dict(view_boxes=torch.tensor([[0.0, 0.0, 6.0, 6.0], [1.0, 1.0, 7.0, 7.0]]),
+                regions=torch.tensor([[[1.0, 1.0, 3.0, 3.0], [2.2, 0.5, 5.1, 4.7]],
+                                      [[1.5, 1.5, 5.0, 6.0], [3.0, 2.0, 6.5, 4.0]]]),
+                out_size=(2, 2), view_flip=torch.tensor([False, True]), view_rot90=torch.tensor([0, 1]))
+    return features, args
+
+
+def _run(features, args, backend, device, **kw):
+    moved = {name: t.to(device) if isinstance(t, torch.Tensor) else t for name, t in args.items()}
+    return lk.crop_features(features.to(device), **moved, backend=backend, **kw).cpu()
+
+
+# (pixel (m, c, i, j) of features, sampling_ratio)
+_FEATURE_CASES = {
+    "zero-weight-corner": ((0, 1, 1, 3), -1),
+    "inside": ((0, 1, 2, 2), -1),
+    "inside-2-samples": ((0, 1, 2, 2), 2),
+    "outside-every-region": ((0, 0, 5, 0), -1),
+    "turned-view": ((1, 2, 2, 4), -1),
+    "turned-view-2-samples": ((1, 2, 2, 4), 2),
+    "turned-corner": ((1, 0, 0, 0), -1),
+}
+
+
+@IGNORE_NUMPY_NAN_WARNINGS
+@pytest.mark.parametrize("backend,device,pixel,sampling_ratio,value", non_finite_params(ALL, _FEATURE_CASES))
+def test_non_finite_features_give_nan_where_weighted(pixel, value, sampling_ratio, backend, device):
+    features, args = _non_finite_problem()
+    clean = _run(features, args, "torch", "cpu", sampling_ratio=sampling_ratio)
+    # The SPEC's pattern: the bins where a map that is 1 at the pixel (0 elsewhere) pools to nonzero.
+    probe = torch.zeros_like(features)
+    probe[pixel] = 1.0
+    m, c = pixel[:2]
+    expected = torch.zeros(clean.shape, dtype=torch.bool)
+    expected[m, :, c] = _run(probe, args, "torch", "cpu", sampling_ratio=sampling_ratio)[m, :, c] != 0
+    bad = features.clone()
+    bad[pixel] = value
+    got = _run(bad, args, backend, device, sampling_ratio=sampling_ratio)
+    assert torch.equal(got.isnan(), expected), f"{int(got.isnan().sum())} NaN, expected {int(expected.sum())}"
+    assert not got.isinf().any()
+    assert_close(got[~expected], clean[~expected], torch.float32)
+    reference = _run(bad, args, "torch", "cpu", sampling_ratio=sampling_ratio)
+    assert torch.equal(reference.isnan(), expected)
+
+
+def test_non_finite_feature_cases_cover_weighted_and_unweighted_pixels():
+    # The zero-weight corner of region 0 and the pixel outside every region make nothing NaN in
+    # view 0's first region; the pixel inside does (what the test above relies on).
+    features, args = _non_finite_problem()
+    nonzero = {}
+    for pixel in [(0, 1, 1, 3), (0, 1, 2, 2), (0, 0, 5, 0)]:
+        probe = torch.zeros_like(features)
+        probe[pixel] = 1.0
+        nonzero[pixel] = (_run(probe, args, "torch", "cpu") != 0).sum(dim=(2, 3, 4)).tolist()
+    assert nonzero[(0, 1, 1, 3)][0][0] == 0 and nonzero[(0, 1, 2, 2)][0][0] > 0
+    assert nonzero[(0, 0, 5, 0)] == [[0, 0], [0, 0]]
+
+
+@IGNORE_NUMPY_NAN_WARNINGS
+@pytest.mark.parametrize("backend,device,coordinate,sampling_ratio,value", non_finite_params(ALL, {
+    "x1": ((1, 0, 2), -1), "x1-2-samples": ((1, 0, 2), 2), "x0": ((0, 1, 0), -1), "y0-2-samples": ((0, 1, 1), 2)}))
+def test_non_finite_region_gives_nan(coordinate, value, sampling_ratio, backend, device):
+    features, args = _non_finite_problem()
+    clean = _run(features, args, "torch", "cpu", sampling_ratio=sampling_ratio)
+    args["regions"][coordinate] = value
+    got = _run(features, args, backend, device, sampling_ratio=sampling_ratio)
+    expected = torch.zeros(got.shape, dtype=torch.bool)
+    expected[coordinate[:2]] = True
+    assert torch.equal(got.isnan(), expected)
+    assert_close(got[~expected], clean[~expected], torch.float32)
+    assert torch.equal(_run(features, args, "torch", "cpu", sampling_ratio=sampling_ratio).isnan(), expected)
+
+
+@IGNORE_NUMPY_NAN_WARNINGS
+@pytest.mark.parametrize("backend,device", ALL)
+def test_huge_region_with_a_fixed_sampling_ratio_is_quick(backend, device):
+    # Fixed samples per bin: the work does not grow with the region (its samples lie outside: 0).
+    features, args = _non_finite_problem()
+    args["regions"][0, 1] = torch.tensor([0.0, 0.0, 1e12, 1e12])
+    got = _run(features, args, backend, device, sampling_ratio=2)
+    assert torch.isfinite(got).all()
+    assert torch.all(got[0, 1] == 0)

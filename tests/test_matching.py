@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import loca_kernels as lk
-from helpers import assert_close, backend_params, compile_for_gpu
+from helpers import IGNORE_NUMPY_NAN_WARNINGS, assert_close, backend_params, compile_for_gpu, non_finite_params
 from loca_kernels._backends import extension_has_kernel
 
 BACKENDS = backend_params("patch_matching")
@@ -389,3 +389,40 @@ def test_patch_correspondence_loss_errors(num_matches, kind, match):
         lk.PatchCorrespondenceLoss(num_matches)(student, teacher)
     with pytest.raises(ValueError, match=r"PatchCorrespondenceLoss: student must have 3 dimensions \(B, Ns, C\)"):
         lk.PatchCorrespondenceLoss(4)(student[0], teacher)
+
+
+# ---- NaN and infinities (SPEC.md section 6): a row with a non-finite entry has NaN cosines,
+# and a NaN cosine wins as in torch.argmax (the first one).
+
+# where: (tensor, bad entries, the rows of a (batch 1) that get similarity NaN, their index).
+# Nb = 70: row 66 of b lies in the Triton kernel's second tile of 64.
+_NON_FINITE_CASES = {
+    "a": ("a", [(1, 2, 3)], [2], 0),
+    "a-first-channel": ("a", [(1, 4, 0)], [4], 0),
+    "b": ("b", [(1, 5, 7)], "all", 5),
+    "b-second-tile": ("b", [(1, 66, 1)], "all", 66),
+    "b-two-rows": ("b", [(1, 66, 1), (1, 9, 0)], "all", 9),
+}
+
+
+@IGNORE_NUMPY_NAN_WARNINGS
+@pytest.mark.parametrize("backend,device,where,value",
+                         non_finite_params(BACKENDS, {where: (where,) for where in _NON_FINITE_CASES}))
+def test_non_finite_rows_win_as_nan(where, value, backend, device):
+    # float16 rows: the kernels read them as given, as the reference.
+    a, b = make(2, 6, 70, 8, dtype=torch.float16 if where.startswith("b") else torch.float32, seed=2)
+    clean_index, clean_similarity = lk.patch_matching(a, b, backend="torch")
+    name, entries, rows, nan_index = _NON_FINITE_CASES[where]
+    for entry in entries:
+        {"a": a, "b": b}[name][entry] = value
+    index, similarity = (t.cpu() for t in lk.patch_matching(a.to(device), b.to(device), backend=backend))
+    expected = torch.zeros(2, 6, dtype=torch.bool)
+    expected[1, rows if rows != "all" else slice(None)] = True
+    assert torch.equal(similarity.isnan(), expected)
+    assert torch.all(index[expected] == nan_index)
+    # Batch element 0 and the other rows: as without the bad entries.
+    assert torch.equal(index[~expected], clean_index[~expected])
+    assert_close(similarity[~expected], clean_similarity[~expected], torch.float32)
+    ref_index, ref_similarity = lk.patch_matching(a, b, backend="torch")
+    assert torch.equal(index, ref_index)
+    assert torch.equal(similarity.isnan(), ref_similarity.isnan())

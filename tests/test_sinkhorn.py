@@ -9,7 +9,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import loca_kernels as lk
-from helpers import assert_close, backend_params, compile_for_gpu
+from helpers import IGNORE_NUMPY_NAN_WARNINGS, NON_FINITE, assert_close, backend_params, compile_for_gpu
 from loca_kernels._backends import TRITON_AVAILABLE, extension_has_kernel
 from loca_kernels.sinkhorn import fused
 from loca_kernels.sinkhorn.operators import OPERATORS
@@ -120,10 +120,6 @@ def test_a_prototype_far_from_every_sample(mode, backend, device):
 # ---- NaN and infinite scores (SPEC.md section 4): a row holding one is NaN after the row
 # softmax, and the first column normalisation (or SwAV's total mass) spreads NaN everywhere.
 
-# NaN inputs make numpy, which runs the Triton interpreter, warn.
-IGNORE_NUMPY_NAN_WARNINGS = pytest.mark.filterwarnings("ignore::RuntimeWarning")
-NON_FINITE = [pytest.param(float("nan"), id="nan"), pytest.param(float("inf"), id="+inf"),
-              pytest.param(float("-inf"), id="-inf")]
 
 
 def _expected_nan(n, k, row, mode, iterations):

@@ -174,6 +174,12 @@ def test_cpu_backend_by_name_refuses_other_devices():
     (dict(ref_grid=(14,)), TypeError, "ref_grid must be a pair"),
     (dict(query_boxes=torch.tensor([[[4.0, 0, 4, 4]]])), ValueError, "x1 > x0"),
     (dict(ref_boxes=torch.tensor([[0.0, 5, 8, 5]])), ValueError, "x1 > x0 and y1 > y0"),
+    # NaN and infinite boxes (SPEC.md "Errors"): an int64 target cannot be NaN.
+    (dict(query_boxes=torch.tensor([[[0.0, float("nan"), 4, 4]]])), ValueError,
+     "relative_position_targets: every coordinate of query_boxes must be finite"),
+    (dict(query_boxes=torch.tensor([[[0.0, 0, float("inf"), 4]]])), ValueError, "query_boxes must be finite"),
+    (dict(ref_boxes=torch.tensor([[float("-inf"), 0, 8, 8]])), ValueError, "ref_boxes must be finite"),
+    (dict(ref_boxes=torch.tensor([[0.0, 0, 8, float("nan")]])), ValueError, "ref_boxes must be finite"),
     (dict(query_boxes=torch.zeros(1, 4)), ValueError, "query_boxes must have 3 dimensions"),
     (dict(ref_boxes=torch.tensor([[0.0, 0, 8, 8]] * 2)), ValueError, "B=1 rows"),
     (dict(query_boxes=torch.tensor([[[0, 0, 4, 4]]])), TypeError, "floating"),

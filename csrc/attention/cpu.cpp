@@ -130,13 +130,22 @@ inline acc_t lane_sum(const acc_t* row, const acc_t* other, int64_t n) {
 
 // In place, each of `rows` rows of s (leading dim lp, `count` visible keys, padding after):
 // scaled scores -> softmax, padding set to 0; lse[r] = log-sum-exp of the scaled scores.
+// A row with a NaN or infinite scaled score is all NaN (SPEC.md section 1): the row's sum of
+// score * 0 (0, or NaN), taken in the scaling loop, is added to its weight and its lse.
 template <typename acc_t>
 inline void softmax_rows(acc_t* s, int64_t rows, int64_t count, int64_t lp, acc_t scale, acc_t* lse) {
   constexpr int64_t kW = kLanes<acc_t>;
   constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
   for (int64_t r = 0; r < rows; ++r) {
     acc_t* row = s + r * lp;
-    for (int64_t j = 0; j < lp; ++j) row[j] *= scale;
+    acc_t nans[kW] = {};
+    for (int64_t j = 0; j < lp; j += kW)
+      for (int64_t l = 0; l < kW; ++l) {
+        row[j + l] *= scale;
+        nans[l] += j + l < count ? row[j + l] * acc_t(0) : acc_t(0);
+      }
+    acc_t nan = 0;
+    for (int64_t l = 0; l < kW; ++l) nan += nans[l];
     for (int64_t j = count; j < lp; ++j) row[j] = kNegInf;
     acc_t peaks[kW];
     for (int64_t l = 0; l < kW; ++l) peaks[l] = kNegInf;
@@ -147,9 +156,9 @@ inline void softmax_rows(acc_t* s, int64_t rows, int64_t count, int64_t lp, acc_
     for (int64_t j = 0; j < lp; ++j) row[j] = exp_of(row[j] - peak);
     for (int64_t j = count; j < lp; ++j) row[j] = 0;
     const acc_t total = lane_sum<acc_t>(row, nullptr, lp);
-    const acc_t inverse = acc_t(1) / total;
+    const acc_t inverse = acc_t(1) / total + nan;  // fast_exp does not carry NaN: the weight does
     for (int64_t j = 0; j < lp; ++j) row[j] *= inverse;
-    lse[r] = peak + std::log(total);
+    lse[r] = peak + std::log(total) + nan;
   }
 }
 

@@ -359,6 +359,7 @@ __global__ void __launch_bounds__(kThreads) forward_mma_kernel(const AttentionFo
   zero(o);
   float m[2] = {-INFINITY, -INFINITY};  // running max of rows g and g + 8 (log2 domain)
   float l[2] = {0.f, 0.f};              // this lane's part of the running sum
+  float nan[2] = {0.f, 0.f};            // this lane's sum of score * 0: NaN once a score is not finite
 
   for (int p0 = 0; p0 < row.count; p0 += kKeys) {
     load_key_block<D, kKeys>(k_tile, v_tile, tokens, row, p0, p.k, p.v, qt.b, qt.h, s.nk, vec);
@@ -384,6 +385,7 @@ __global__ void __launch_bounds__(kThreads) forward_mma_kernel(const AttentionFo
       for (int e = 0; e < 4; ++e) {
         const int pos = p0 + j * 8 + lane.c + (e & 1);
         sc[j][e] = pos < row.count ? sc[j][e] * scale2 : -INFINITY;
+        nan[e >> 1] += pos < row.count ? sc[j][e] * 0.f : 0.f;
         m_new[e >> 1] = fmaxf(m_new[e >> 1], sc[j][e]);
       }
     float alpha[2];
@@ -422,11 +424,13 @@ __global__ void __launch_bounds__(kThreads) forward_mma_kernel(const AttentionFo
 #pragma unroll
   for (int half = 0; half < 2; ++half) {
     l[half] = quad_sum(l[half]);
-    inv_l[half] = l[half] > 0.f ? 1.f / l[half] : 0.f;  // no visible key: out = 0
+    // A row with a NaN or infinite score is all NaN (SPEC.md section 1), -inf scores included.
+    nan[half] = quad_sum(nan[half]);
+    inv_l[half] = (l[half] > 0.f ? 1.f / l[half] : 0.f) + nan[half];  // no visible key: out = 0
     const int n = qt.n0 + row0 + lane.g + 8 * half;
     if ((threadIdx.x & 3) == 0 && n < s.nq) {
       p.lse[(static_cast<int64_t>(qt.i) * s.heads + qt.h) * s.nq + n] =
-          l[half] > 0.f ? kLn2 * (m[half] + log2f(l[half])) : -INFINITY;
+          (l[half] > 0.f ? kLn2 * (m[half] + log2f(l[half])) : -INFINITY) + nan[half];
     }
   }
   __syncthreads();  // every warp is done with the shared tiles
@@ -815,12 +819,13 @@ __global__ void __launch_bounds__(kThreads) forward_simt_kernel(const AttentionF
   WarpRow<D> q, key, value, acc;
   q.load(row_ptr<const float>(p.q, qr.i, qr.n, qr.h));
   acc.fill(0.f);
-  float m = -INFINITY, l = 0.f;
+  float m = -INFINITY, l = 0.f, nan = 0.f;  // nan: the sum of score * 0, NaN once one is not finite
   for (int pos = 0; pos < row.count; ++pos) {
     const int t = token_of(row, pos, s.nk);
     key.load(t >= 0 ? row_ptr<const float>(p.k, b, t, qr.h) : nullptr);
     value.load(t >= 0 ? row_ptr<const float>(p.v, b, t, qr.h) : nullptr);
     const float score = q.dot(key) * scale2;
+    nan += score * 0.f;
     const float m_new = fmaxf(m, score);
     const float alpha = exp2f(m - m_new);  // 0 for the first key
     const float prob = exp2f(score - m_new);
@@ -828,10 +833,11 @@ __global__ void __launch_bounds__(kThreads) forward_simt_kernel(const AttentionF
     acc.scale_add(alpha, prob, value);
     m = m_new;
   }
-  acc.store(row_ptr<float>(p.out, qr.i, qr.n, qr.h), l > 0.f ? 1.f / l : 0.f);
+  // A row with a NaN or infinite score is all NaN (SPEC.md section 1), -inf scores included.
+  acc.store(row_ptr<float>(p.out, qr.i, qr.n, qr.h), (l > 0.f ? 1.f / l : 0.f) + nan);
   if ((threadIdx.x & 31) == 0)
     p.lse[(static_cast<int64_t>(qr.i) * s.heads + qr.h) * s.nq + qr.n] =
-        l > 0.f ? kLn2 * (m + log2f(l)) : -INFINITY;
+        (l > 0.f ? kLn2 * (m + log2f(l)) : -INFINITY) + nan;
 }
 
 template <int D>

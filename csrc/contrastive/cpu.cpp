@@ -36,19 +36,25 @@ constexpr int64_t kLanes = 16;
 // the tile becomes exp(l - max) (at most 1) and the running sum is rescaled and grows by its
 // sum; rescale[r] = exp(old max - new max) is what the caller multiplies its accumulator by.
 // 16 independent lanes per row: a float max is otherwise not vectorised.
+// A NaN or infinite logit makes the row's loss NaN (SPEC.md section 5): the tile's sum of
+// l * 0 (0, or NaN) is added to the new max, so that rescale and the running sum are NaN.
 inline void update_rows(float* logits, int64_t rows, int64_t cols, float* running_max, float* running_sum,
                         float* rescale) {
   for (int64_t r = 0; r < rows; ++r) {
     float* x = logits + r * cols;
-    float lane[kLanes];
+    float lane[kLanes], lane_nan[kLanes] = {};
     for (int64_t l = 0; l < kLanes; ++l) lane[l] = -std::numeric_limits<float>::infinity();
     int64_t j = 0;
     for (; j + kLanes <= cols; j += kLanes) {
-      for (int64_t l = 0; l < kLanes; ++l) lane[l] = max_of(lane[l], x[j + l]);
+      for (int64_t l = 0; l < kLanes; ++l) {
+        lane[l] = max_of(lane[l], x[j + l]);
+        lane_nan[l] += x[j + l] * 0.0f;
+      }
     }
-    float grown = running_max[r];
-    for (; j < cols; ++j) grown = max_of(grown, x[j]);
-    for (int64_t l = 0; l < kLanes; ++l) grown = max_of(grown, lane[l]);
+    float grown = running_max[r], nan = 0.0f;
+    for (; j < cols; ++j) grown = max_of(grown, x[j]), nan += x[j] * 0.0f;
+    for (int64_t l = 0; l < kLanes; ++l) grown = max_of(grown, lane[l]), nan += lane_nan[l];
+    grown += nan;
     const float total = exp_sum_in_place(x, grown, cols);
     rescale[r] = std::exp(running_max[r] - grown);
     running_sum[r] = running_sum[r] * rescale[r] + total;
@@ -108,7 +114,7 @@ std::tuple<at::Tensor, at::Tensor> queue_contrastive_forward_cpu(const at::Tenso
       const at::Tensor q = query.narrow(0, r0, rows).to(at::kFloat) * inv_t;  // a new tensor: never query itself
       const at::Tensor positive_logit = (q * positive.narrow(0, r0, rows).to(at::kFloat)).sum(1);
       at::Tensor running_max = positive_logit.clone();
-      at::Tensor running_sum = at::ones({rows}, options);
+      at::Tensor running_sum = positive_logit * 0 + 1;  // NaN for a NaN or infinite l_0
       at::Tensor rescale = at::empty({rows}, options);
       at::Tensor acc = with_grad ? weighted.narrow(0, r0, rows).zero_() : at::Tensor();
       for (int64_t k0 = 0; k0 < k; k0 += kTileRows) {

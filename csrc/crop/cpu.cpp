@@ -35,16 +35,19 @@ int64_t axis_weights(float r0, float r1, float v0, float v1, int64_t length, int
   const float end = (r1 - v0) / (v1 - v0) * len - 0.5f;
   const float size = end - start;
   const float step = size / static_cast<float>(bins);
-  const int64_t grid = sampling_ratio > 0
-                           ? sampling_ratio
-                           : std::max<int64_t>(static_cast<int64_t>(std::ceil(size / static_cast<float>(bins))), 0);
+  // A region with a NaN or infinite coordinate has no samples (its result is NaN, the caller's
+  // part); a finite one's count is bounded by the op's checks.
+  const int64_t grid = sampling_ratio > 0 ? sampling_ratio
+                       : std::isfinite(size)
+                           ? std::max<int64_t>(static_cast<int64_t>(std::ceil(size / static_cast<float>(bins))), 0)
+                           : 0;
   const float grid_f = static_cast<float>(std::max<int64_t>(grid, 1));
   std::fill(weights, weights + bins * length, acc_t(0));
   for (int64_t p = 0; p < bins; ++p) {
     acc_t* row = weights + p * length;
     for (int64_t s = 0; s < grid; ++s) {
       float pos = start + static_cast<float>(p) * step + (static_cast<float>(s) + 0.5f) * step / grid_f;
-      if (pos < -1.0f || pos > len) continue;  // roi_align: the sample is 0
+      if (!(pos >= -1.0f && pos <= len)) continue;  // roi_align: the sample is 0 (and a NaN one)
       pos = std::max(pos, 0.0f);
       int64_t low = static_cast<int64_t>(pos), high = low + 1;
       if (low >= length - 1) {
@@ -147,15 +150,22 @@ at::Tensor crop_features_cpu(const at::Tensor& features, const at::Tensor& view_
         b.resize(nb * w);
         fb.resize(h * nb);
         t.resize(na * nb);
-        const acc_t scale = region_weights<acc_t>(v, in.boxes + m * 4, in.regions + task * 4, oh, ow,
-                                                  sampling_ratio, a.data(), b.data());
+        const float* region = in.regions + task * 4;
+        // A NaN or infinite region coordinate makes the region's result NaN (SPEC.md section 7).
+        const acc_t scale = region_weights<acc_t>(v, in.boxes + m * 4, region, oh, ow, sampling_ratio, a.data(),
+                                                  b.data()) +
+                            static_cast<acc_t>((region[0] + region[1] + region[2] + region[3]) * 0.0f);
         for (int64_t c = 0; c < channels; ++c) {
           const scalar_t* fc = fp + (m * channels + c) * h * w;
-          // fb = F B^T (h, nb), then t = A fb (na, nb).
+          // fb = F B^T (h, nb), then t = A fb (na, nb). Only pixels of nonzero weight count: a NaN
+          // or infinite one makes NaN the bins that weight it (x * 0), no other (SPEC.md section 7).
           for (int64_t i = 0; i < h; ++i) {
             for (int64_t q = 0; q < nb; ++q) {
               acc_t sum = 0;
-              for (int64_t j = 0; j < w; ++j) sum += static_cast<acc_t>(fc[i * w + j]) * b[q * w + j];
+              for (int64_t j = 0; j < w; ++j) {
+                const acc_t x = static_cast<acc_t>(fc[i * w + j]), weight = b[q * w + j];
+                sum += weight != acc_t(0) ? x * weight + x * acc_t(0) : acc_t(0);
+              }
               fb[i * nb + q] = sum;
             }
           }

@@ -93,7 +93,8 @@ inline void best_matches(const acc_t* an, int64_t rows, const acc_t* bn, int64_t
     for (int64_t r = 0; r < rows; ++r) {
       acc_t dot = 0;
       for (int64_t l = 0; l < kW; ++l) dot += part[r][l];
-      if (dot > best[r]) best[r] = dot, best_index[r] = j;
+      // NaN beats every number and the first NaN stays, as torch.argmax (SPEC.md section 6).
+      if ((dot > best[r] || dot != dot) && best[r] == best[r]) best[r] = dot, best_index[r] = j;
     }
   }
 }

@@ -59,6 +59,9 @@ def _check_keep(keep, q: torch.Tensor, bk: int, nk: int) -> None:
         return
     if keep.dtype.is_floating_point or keep.dtype.is_complex:
         raise TypeError(f"{OP}: keep must be a bool mask or an integer index tensor, got {keep.dtype}")
+    if keep.dtype == torch.uint8:  # the old PyTorch mask dtype: ambiguous, never read as positions
+        raise TypeError(f"{OP}: keep must be a bool mask or an integer index tensor (int32 or int64), got "
+                        f"torch.uint8; for a mask pass keep.bool(), for positions keep.long()")
     if keep.shape[1] > nk:
         raise ValueError(f"{OP}: index keep has {keep.shape[1]} positions per row, more than Nk={nk}")
     if values_checkable(keep) and keep.numel():
@@ -141,7 +144,8 @@ def masked_cross_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ke
 
     Returns:
         (Bq, Nq, H, D) in q's dtype. A row with no visible token gives zeros (and zero
-        gradients). Differentiable in q, k and v.
+        gradients). Differentiable in q, k and v. A NaN or infinite q, visible k or scale makes
+        its rows NaN; hidden tokens never count (SPEC.md section 1).
     """
     _check_inputs(q, k, v, keep)
     if scale is None:

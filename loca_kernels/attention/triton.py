@@ -72,12 +72,14 @@ def _forward_kernel(q, k, v, out, lse, keep_index, keep_count,
     count = tl.load(keep_count + r)
     peak = tl.full([BLOCK_M], float("-inf"), tl.float32)
     total = tl.zeros([BLOCK_M], tl.float32)
+    nan = tl.zeros([BLOCK_M], tl.float32)  # per row, the sum of score * 0: NaN once one is not finite
     acc = tl.zeros([BLOCK_M, D], tl.float32)
     for start in range(0, count, BLOCK_N):
         offs_n = start + tl.arange(0, BLOCK_N)
         pos, valid = _keep_positions(keep_index, keep_count, r, stride_keep, offs_n, IS_RUN)
         kt, vt = _key_value_tiles(k, v, b, h, pos, valid, offs_d, skb, skn, skh, svb, svn, svh)
         s = _dot(qt, tl.trans(kt), DOT_FP32) * scale
+        nan += tl.sum(tl.where(valid[None, :], s * 0.0, 0.0), axis=1)
         s = tl.where(valid[None, :], s, float("-inf"))
         new_peak = tl.maximum(peak, tl.max(s, axis=1))   # finite: the first block has a valid key
         p = tl.exp(s - new_peak[:, None])
@@ -86,10 +88,11 @@ def _forward_kernel(q, k, v, out, lse, keep_index, keep_count,
         acc = acc * rescale[:, None] + _dot(p.to(vt.dtype), vt, DOT_FP32)
         peak = new_peak
     seen = total > 0
-    result = acc / tl.where(seen, total, 1.0)[:, None]
+    # A row with a NaN or infinite score is all NaN (SPEC.md section 1), -inf scores included.
+    result = acc / tl.where(seen, total, 1.0)[:, None] + nan[:, None]
     tl.store(out + i * sob + h * soh + offs_m[:, None] * son + offs_d[None, :], result.to(out.dtype.element_ty),
              mask=row_ok[:, None])
-    row_lse = tl.where(seen, peak + tl.log(tl.where(seen, total, 1.0)), float("-inf"))
+    row_lse = tl.where(seen, peak + tl.log(tl.where(seen, total, 1.0)), float("-inf")) + nan
     tl.store(lse + row_head * nq + offs_m, row_lse, mask=row_ok)
 
 

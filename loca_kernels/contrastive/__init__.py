@@ -85,6 +85,7 @@ def queue_contrastive_loss(query: torch.Tensor, positive: torch.Tensor, queue: t
     Returns:
         float32 (a scalar, or (N,) for "none") for float32, float16 and bfloat16 inputs (all
         three alike; float64 runs on the reference). Differentiable in query and positive.
+        A NaN or infinite logit makes its row's loss NaN (SPEC.md section 5).
     """
     _check_inputs(query, positive, queue, temperature, reduction)
     name = choose_backend(OP, backend, query.device, _support(query))

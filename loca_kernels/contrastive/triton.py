@@ -46,8 +46,11 @@ def _forward_kernel(query, positive, queue, loss, weighted, n, k, d, stride_qn, 
     p = tl.load(positive + rows[:, None] * stride_pn + dims[None, :] * stride_pd, mask=ok, other=0.0)
     positive_logit = tl.sum(q.to(tl.float32) * p.to(tl.float32), 1) * inv_temperature
     # l_0 starts the running max m, with sum exp(l_0 - m) = 1.
+    # A NaN or infinite logit makes the row's loss NaN (SPEC.md section 5): l_0 * 0 starts the
+    # running sum, and each tile's sum of l * 0 (0, or NaN) is added to the running max, so
+    # that the rescale factor is NaN and the running sum stays NaN.
     running_max = positive_logit
-    running_sum = tl.full([BLOCK_N], 1.0, tl.float32)
+    running_sum = 1.0 + positive_logit * 0.0
     acc = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     cols_lane = tl.arange(0, BLOCK_K)
     for k0 in range(0, k, BLOCK_K):
@@ -56,8 +59,9 @@ def _forward_kernel(query, positive, queue, loss, weighted, n, k, d, stride_qn, 
         tile = tl.load(queue + cols[:, None] * stride_kk + dims[None, :] * stride_kd,
                        mask=col_ok[:, None] & dim_ok[None, :], other=0.0)
         logits = _dot(q, tl.trans(tile), DOT_FP32) * inv_temperature
+        nan = tl.sum(tl.where(col_ok[None, :], logits * 0.0, 0.0), 1)
         logits = tl.where(col_ok[None, :], logits, float("-inf"))
-        grown = tl.maximum(running_max, tl.max(logits, 1))
+        grown = tl.maximum(running_max, tl.max(logits, 1)) + nan
         rescale = tl.exp(running_max - grown)
         e = tl.exp(logits - grown[:, None])
         running_sum = running_sum * rescale + tl.sum(e, 1)

@@ -11,7 +11,8 @@ from typing import Optional
 import torch
 
 from .._backends import choose_backend, support
-from .._validation import FLOAT_DTYPES, check_boxes, check_grid, check_same_device, check_tensor, per_view, shape_str
+from .._validation import (FLOAT_DTYPES, check_boxes, check_grid, check_same_device, check_tensor, per_view, shape_str,
+                           values_checkable)
 from . import reference
 from .operators import OPERATORS
 
@@ -20,6 +21,35 @@ __all__ = ["crop_features"]
 OP = "crop_features"
 # float64 runs on the reference and the C++ kernel (for gradcheck); Triton takes FLOAT_DTYPES.
 DTYPES = FLOAT_DTYPES + (torch.float64,)
+# Samples per bin along one axis, sampling_ratio or the adaptive ceil(region size / out size):
+# beyond it a kernel would loop (and the reference allocate) without bound.
+MAX_SAMPLES = 256
+
+
+def _check_adaptive_samples(features, view_boxes, regions, out_size, view_rot90) -> None:
+    """With sampling_ratio -1, each finite region's samples per bin, computed in float32 as the
+    kernels do (reference.py), must be at most MAX_SAMPLES (one host sync; regions with a NaN
+    or infinite coordinate pool to NaN and have no samples)."""
+    if not values_checkable(regions) or regions.numel() == 0:
+        return
+    odd = (view_rot90 % 2 == 1)[:, None]
+    h, w = features.shape[2:]
+    one = torch.ones((), dtype=torch.float32, device=regions.device)
+    sides = [torch.where(odd, w * one, h * one), torch.where(odd, h * one, w * one)]  # u's height, width
+    boxes, views = regions.float(), view_boxes.float()[:, None]
+    too_many = torch.zeros(regions.shape[:2], dtype=torch.bool, device=regions.device)
+    for axis, (length, bins) in enumerate(zip(sides, out_size)):
+        v0, v1 = views[..., axis], views[..., axis + 2]
+        start = (boxes[..., axis] - v0) / (v1 - v0) * length - 0.5
+        end = (boxes[..., axis + 2] - v0) / (v1 - v0) * length - 0.5
+        too_many |= ~(torch.ceil((end - start) / bins) <= MAX_SAMPLES)  # NaN or inf counts too
+    too_many &= torch.isfinite(boxes).all(-1)
+    if bool(too_many.any()):
+        m, r = (int(i) for i in too_many.nonzero()[0])
+        raise ValueError(f"{OP}: regions[{m}, {r}] = {regions[m, r].tolist()} is too large for its view with "
+                         f"sampling_ratio=-1: it would take more than {MAX_SAMPLES} samples per bin along an axis "
+                         f"(region size / out_size {out_size} in the map's pixels); pass a sampling_ratio "
+                         f"in [1, {MAX_SAMPLES}] or a smaller region")
 
 
 def _support(features: torch.Tensor, out_size: tuple) -> dict:
@@ -60,7 +90,9 @@ def crop_features(features: torch.Tensor, view_boxes: torch.Tensor, regions: tor
         view_rot90: (M,) int in 0..3: after the flip the view was turned by
             torch.rot90(view, k, dims=(-2, -1)).
         sampling_ratio: samples per bin along each axis, or -1 for ceil(region size / out size)
-            as roi_align (0 and other negative values are rejected).
+            as roi_align (0 and other negative values are rejected). At most MAX_SAMPLES (256)
+            either way: a larger value, or with -1 a finite region that would take more, is a
+            ValueError.
         backend: None, "torch", "cpu" or "triton".
 
     Returns:
@@ -68,7 +100,9 @@ def crop_features(features: torch.Tensor, view_boxes: torch.Tensor, regions: tor
         roi_align(u, [box], (oh, ow), spatial_scale=1, sampling_ratio, aligned=True) with u the map
         turned back and unflipped (rows down and columns right as in the source image) and box the
         region in u's pixels. Box arithmetic in float32 (reference.py). Differentiable in features;
-        the fused backward passes are deterministic.
+        the fused backward passes are deterministic. NaN (SPEC.md section 7): in all of [m, r] for
+        a region with a NaN or infinite coordinate; for a NaN or infinite feature value, in the
+        bins that give its pixel a nonzero weight.
     """
     check_tensor(OP, "features", features, ndim=4, layout="(M, C, h, w)", dtypes=DTYPES)
     check_tensor(OP, "view_boxes", view_boxes, ndim=2, layout="(M, 4)")
@@ -89,13 +123,15 @@ def crop_features(features: torch.Tensor, view_boxes: torch.Tensor, regions: tor
     out_size = check_grid(OP, "out_size", out_size)
     if isinstance(sampling_ratio, bool) or not isinstance(sampling_ratio, int):
         raise TypeError(f"{OP}: sampling_ratio must be an int, got {type(sampling_ratio).__name__}")
-    if sampling_ratio == 0 or sampling_ratio < -1:
-        raise ValueError(f"{OP}: sampling_ratio must be -1 (adaptive) or positive, got {sampling_ratio}")
+    if sampling_ratio == 0 or sampling_ratio < -1 or sampling_ratio > MAX_SAMPLES:
+        raise ValueError(f"{OP}: sampling_ratio must be -1 (adaptive) or in [1, {MAX_SAMPLES}], got {sampling_ratio}")
     check_same_device(OP, [("features", features), ("view_boxes", view_boxes), ("regions", regions),
                            ("view_flip", view_flip), ("view_rot90", view_rot90)])
     device = features.device
     view_flip = per_view(OP, "view_flip", view_flip, (views,), device, "bool")
     view_rot90 = per_view(OP, "view_rot90", view_rot90, (views,), device, "int")
+    if sampling_ratio == -1:
+        _check_adaptive_samples(features, view_boxes, regions, out_size, view_rot90)
     name = choose_backend(OP, backend, device, _support(features, out_size))
     if name == "torch":
         return reference.crop_features(features, view_boxes, regions, out_size, view_flip, view_rot90,

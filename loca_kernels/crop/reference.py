@@ -33,7 +33,9 @@ def _samples(r0, r1, v0, v1, length: int, bins: int, sampling_ratio: int):
     end = (r1 - v0) / (v1 - v0) * _f32(length) - _f32(0.5)
     size = end - start
     step = size / _f32(bins)
-    grid = sampling_ratio if sampling_ratio > 0 else max(int(torch.ceil(size / _f32(bins))), 0)
+    cells = torch.ceil(size / _f32(bins))
+    # A region with a NaN or infinite coordinate has no samples (crop_features makes it NaN).
+    grid = sampling_ratio if sampling_ratio > 0 else max(int(cells), 0) if torch.isfinite(cells) else 0
     bin_index = torch.arange(bins, dtype=torch.float32)[:, None]
     sample_index = torch.arange(grid, dtype=torch.float32)[None, :]
     return start + bin_index * step + (sample_index + _f32(0.5)) * step / _f32(max(grid, 1)), grid
@@ -42,7 +44,8 @@ def _samples(r0, r1, v0, v1, length: int, bins: int, sampling_ratio: int):
 def _corners(pos: torch.Tensor, length: int):
     """Validity, low and high pixel and their float32 weights of float32 positions `pos`."""
     valid = (pos >= -1) & (pos <= length)
-    pos = pos.clamp(0, length)  # clamping at 0 is roi_align's; at length only keeps far samples indexable
+    # clamping at 0 is roi_align's; at length (and NaN to 0) only keeps far samples indexable
+    pos = torch.where(valid, pos, 0).clamp(0, length)
     low = pos.floor().long()
     edge = low >= length - 1
     low = torch.where(edge, length - 1, low)
@@ -62,10 +65,15 @@ def _roi_align(u: torch.Tensor, region: torch.Tensor, view: torch.Tensor, out_si
     vy, y_lo, y_hi, ly, hy = (t[:, :, None, None].to(u.device) for t in _corners(ys, height))  # (oh, gh, 1, 1)
     vx, x_lo, x_hi, lx, hx = (t[None, None].to(u.device) for t in _corners(xs, width))          # (1, 1, ow, gw)
     ly, hy, lx, hx = (t.to(u.dtype) for t in (ly, hy, lx, hx))
-    value = (hy * hx * u[:, y_lo, x_lo] + hy * lx * u[:, y_lo, x_hi]
-             + ly * hx * u[:, y_hi, x_lo] + ly * lx * u[:, y_hi, x_hi])          # (C, oh, gh, ow, gw)
+
+    def term(weight, x):  # a pixel of zero weight counts for nothing; a NaN or infinite one of nonzero weight gives NaN
+        return torch.where(weight != 0, weight * x + x * 0, 0)
+
+    value = (term(hy * hx, u[:, y_lo, x_lo]) + term(hy * lx, u[:, y_lo, x_hi])
+             + term(ly * hx, u[:, y_hi, x_lo]) + term(ly * lx, u[:, y_hi, x_hi]))  # (C, oh, gh, ow, gw)
     value = torch.where(vy & vx, value, torch.zeros((), dtype=u.dtype))
-    return value.sum(dim=(2, 4)) / max(grid_h * grid_w, 1)
+    # A NaN or infinite region coordinate makes the whole result NaN (SPEC.md section 7).
+    return value.sum(dim=(2, 4)) / max(grid_h * grid_w, 1) + (region.sum() * 0).to(u.device, u.dtype)
 
 
 def crop_features(features, view_boxes, regions, out_size, view_flip, view_rot90, sampling_ratio: int):

@@ -37,7 +37,9 @@ def _axis_weights(r0, r1, v0, v1, length, bins, sampling_ratio, reverse, BP: tl.
     end = tl.div_rn(r1 - v0, v1 - v0) * len_f - 0.5
     size = end - start
     step = tl.div_rn(size, bins.to(tl.float32))
-    grid = tl.where(sampling_ratio > 0, sampling_ratio, tl.maximum(tl.ceil(step).to(tl.int32), 0))
+    # A region with a NaN or infinite coordinate has no samples (the forward makes it NaN).
+    cells = tl.where(step * 0.0 == 0.0, tl.ceil(step), 0.0)
+    grid = tl.where(sampling_ratio > 0, sampling_ratio, tl.maximum(cells.to(tl.int32), 0))
     grid_f = tl.maximum(grid, 1).to(tl.float32)
     p = tl.arange(0, BP)
     pixel = tl.arange(0, BL)[None, :]
@@ -99,9 +101,20 @@ def _forward_kernel(features, view_boxes, regions_ptr, view_flip, view_rot90, ou
     c, j = c0 + col // BW, col % BW
     f = tl.load(features + (m * channels + c) * h * w + i * w + j, mask=(i < h) & (j < w) & (c < channels),
                 other=0.0).to(tl.float32)
-    t = tl.dot(a, f, input_precision="ieee")                       # (BA, BLOCK_C * BW)
+    bad = f * 0.0 != 0.0                                           # NaN or infinite
+    t = tl.dot(a, tl.where(bad, 0.0, f), input_precision="ieee")   # (BA, BLOCK_C * BW)
     t = tl.reshape(t, (BA * BLOCK_C, BW))                          # row p * BLOCK_C + c
     t = tl.dot(t, tl.trans(b), input_precision="ieee") * scale     # (BA * BLOCK_C, BB)
+    if tl.max(tl.max(bad.to(tl.int32), 1), 0) > 0:
+        # NaN exactly at the bins that give a bad pixel a nonzero weight (SPEC.md section 7): a
+        # zero weight times NaN inside the dots would spread it to every bin.
+        hit = tl.dot((a != 0.0).to(tl.float32), bad.to(tl.float32), input_precision="ieee")
+        hit = tl.reshape(hit, (BA * BLOCK_C, BW))
+        hit = tl.dot(hit, tl.trans((b != 0.0).to(tl.float32)), input_precision="ieee")
+        t = tl.where(hit > 0.0, float("nan"), t)
+    # A NaN or infinite region coordinate makes the region's result NaN.
+    t += (tl.load(regions_ptr + box * 4 + 0) + tl.load(regions_ptr + box * 4 + 1) + tl.load(regions_ptr + box * 4 + 2)
+          + tl.load(regions_ptr + box * 4 + 3)) * 0.0
     row = tl.arange(0, BA * BLOCK_C)[:, None]
     p, c = row // BLOCK_C, c0 + row % BLOCK_C
     q = tl.arange(0, BB)[None, :]

@@ -70,7 +70,8 @@ def patch_matching(a: torch.Tensor, b: torch.Tensor, *, backend: Optional[str] =
         inputs), that cosine, with rows normalised as F.normalize(x, dim=-1, eps=1e-12) (a zero
         vector has cosine 0 to every row). The cosines are computed in float32 from the inputs as
         given. similarity is differentiable in a and b through the chosen pairs; index is not.
-        Fused backends never build the (B, Na, Nb) similarity tensor.
+        Fused backends never build the (B, Na, Nb) similarity tensor. A row with a NaN or
+        infinite entry has NaN cosines, which win as in torch.argmax (SPEC.md section 6).
     """
     _check_inputs(a, b)
     name = choose_backend(OP, backend, a.device, _support(a))

@@ -75,14 +75,16 @@ def _forward_kernel(a, b, index, similarity, na, nb, c, sab, san, sac, sbb, sbn,
             y = _load_rows(b_rows, col_ok, k0, c, sbc, BLOCK_K)
             s = tl.dot(_normalised(x, denom_a[:, None]), tl.trans(_normalised(y, denom_b[:, None])), s,
                        input_precision="ieee")
-        s = tl.where(col_ok[None, :], s, float("-inf"))
+        # A NaN cosine (a NaN or infinite entry in its rows) wins as in torch.argmax: it is
+        # ranked as +inf (cosines are at most 1), the first one kept, and stored as NaN.
+        s = tl.where(col_ok[None, :], tl.where(s != s, float("inf"), s), float("-inf"))
         tile_best = tl.max(s, axis=1)
         tile_index = tl.min(tl.where(s == tile_best[:, None], offs_n[None, :], nb), axis=1)
         better = tile_best > best
         best = tl.where(better, tile_best, best)
         best_index = tl.where(better, tile_index, best_index)
     tl.store(index + batch * na + offs_m, best_index.to(tl.int64), mask=row_ok)
-    tl.store(similarity + batch * na + offs_m, best, mask=row_ok)
+    tl.store(similarity + batch * na + offs_m, tl.where(best == float("inf"), float("nan"), best), mask=row_ok)
 
 
 @triton.jit
