@@ -17,6 +17,7 @@ import triton
 import triton.language as tl
 
 from .._backends import TRITON_INTERPRET
+from .._triton_dot import input_precision
 
 # The interpreter multiplies bf16 tl.dot operands as integers: compute the dots in fp32 there.
 DOT_IN_FP32 = TRITON_INTERPRET
@@ -56,8 +57,8 @@ def _key_value_tiles(k, v, b, h, pos, valid, offs_d, skb, skn, skh, svb, svn, sv
 @triton.jit
 def _dot(a, b, DOT_FP32: tl.constexpr):
     if DOT_FP32:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32))
-    return tl.dot(a, b)
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision=input_precision(tl.float32))
+    return tl.dot(a, b, input_precision=input_precision(a.dtype))
 
 
 @triton.jit

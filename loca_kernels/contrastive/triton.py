@@ -14,6 +14,7 @@ import triton
 import triton.language as tl
 
 from .._backends import TRITON_INTERPRET
+from .._triton_dot import input_precision
 
 BLOCK_N = 64
 BLOCK_K = 64
@@ -23,13 +24,10 @@ DOT_IN_FP32 = TRITON_INTERPRET
 
 @triton.jit
 def _dot(a, b, DOT_FP32: tl.constexpr):
-    # float32 inputs are multiplied in full float32 (not tf32): at temperature 0.005 a logit
-    # is 200 times the dot product, and tf32's 1e-3 relative error would show.
+    # At temperature 0.005 a logit is 200 times the dot product: float32's precision matters.
     if DOT_FP32:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
-    if a.dtype == tl.float32:
-        return tl.dot(a, b, input_precision="ieee")
-    return tl.dot(a, b)
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision=input_precision(tl.float32))
+    return tl.dot(a, b, input_precision=input_precision(a.dtype))
 
 
 @triton.jit(do_not_specialize=["n", "k", "d"])

@@ -23,6 +23,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .._triton_dot import input_precision
+
 MAX_SIDE = 64
 _INTS = ["regions", "channels", "h", "w", "oh", "ow", "sampling_ratio"]
 
@@ -99,9 +101,9 @@ def _forward_kernel(features, view_boxes, regions_ptr, view_flip, view_rot90, ou
     c, j = c0 + col // BW, col % BW
     f = tl.load(features + (m * channels + c) * h * w + i * w + j, mask=(i < h) & (j < w) & (c < channels),
                 other=0.0).to(tl.float32)
-    t = tl.dot(a, f, input_precision="ieee")                       # (BA, BLOCK_C * BW)
+    t = tl.dot(a, f, input_precision=input_precision(a.dtype))                   # (BA, BLOCK_C * BW)
     t = tl.reshape(t, (BA * BLOCK_C, BW))                          # row p * BLOCK_C + c
-    t = tl.dot(t, tl.trans(b), input_precision="ieee") * scale     # (BA * BLOCK_C, BB)
+    t = tl.dot(t, tl.trans(b), input_precision=input_precision(t.dtype)) * scale  # (BA * BLOCK_C, BB)
     row = tl.arange(0, BA * BLOCK_C)[:, None]
     p, c = row // BLOCK_C, c0 + row % BLOCK_C
     q = tl.arange(0, BB)[None, :]
@@ -129,9 +131,9 @@ def _backward_kernel(grad_out, view_boxes, regions_ptr, view_flip, view_rot90, g
         pixel = tl.where(odd, q * ow + p, p * ow + q)
         g = tl.load(grad_out + (box * channels + c) * oh * ow + pixel, mask=(p < na) & (q < nb) & (c < channels),
                     other=0.0).to(tl.float32) * scale           # (BA * BLOCK_C, BB), row p * BLOCK_C + c
-        s = tl.dot(g, b, input_precision="ieee")                # (BA * BLOCK_C, BW)
+        s = tl.dot(g, b, input_precision=input_precision(g.dtype))  # (BA * BLOCK_C, BW)
         s = tl.reshape(s, (BA, BLOCK_C * BW))
-        acc = tl.dot(tl.trans(a), s, acc, input_precision="ieee")  # (BH, BLOCK_C * BW)
+        acc = tl.dot(tl.trans(a), s, acc, input_precision=input_precision(s.dtype))  # (BH, BLOCK_C * BW)
     i = tl.arange(0, BH)[:, None]
     col = tl.arange(0, BLOCK_C * BW)[None, :]
     c, j = c0 + col // BW, col % BW

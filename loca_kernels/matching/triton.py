@@ -23,6 +23,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .._triton_dot import input_precision
+
 EPS = 1e-12  # F.normalize's default
 BLOCK_N = 64
 BLOCK_K = 64
@@ -74,7 +76,7 @@ def _forward_kernel(a, b, index, similarity, na, nb, c, sab, san, sac, sbb, sbn,
             x = _load_rows(a_rows, row_ok, k0, c, sac, BLOCK_K)
             y = _load_rows(b_rows, col_ok, k0, c, sbc, BLOCK_K)
             s = tl.dot(_normalised(x, denom_a[:, None]), tl.trans(_normalised(y, denom_b[:, None])), s,
-                       input_precision="ieee")
+                       input_precision=input_precision(tl.float32))
         s = tl.where(col_ok[None, :], s, float("-inf"))
         tile_best = tl.max(s, axis=1)
         tile_index = tl.min(tl.where(s == tile_best[:, None], offs_n[None, :], nb), axis=1)
@@ -158,7 +160,7 @@ def _grad_b_kernel(a, b, order, chosen, starts, weight, along, grad_b, na, nb, c
             hit = tl.load(chosen + batch * na + g0 + offs_g, mask=g_ok, other=-1)[None, :] == offs_j[:, None]
             pick = tl.where(hit, tl.load(weight + batch * na + i, mask=g_ok, other=0.0)[None, :], 0.0)
             x = _load_rows(a + batch * sab + i[:, None] * san, g_ok, k0, c, sac, BLOCK_K)
-            acc = tl.dot(pick, x, acc, input_precision="ieee")
+            acc = tl.dot(pick, x, acc, input_precision=input_precision(x.dtype))
         y = _load_rows(b_rows, j_ok, k0, c, sbc, BLOCK_K)
         grad = (acc - gated[:, None] * y / e[:, None]) / e[:, None]
         tl.store(grad_b + (batch * nb + offs_j[:, None]) * c + (k0 + offs_k)[None, :],
