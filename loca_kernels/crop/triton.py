@@ -16,6 +16,8 @@ the regions of its view in order in registers and writes its block once: each gr
 has one writer and a fixed summation order, so the result is deterministic (no atomics).
 
 Maps, out sizes up to MAX_SIDE on each side (registers); larger calls use another backend.
+The view and box of a program are int64: views x C x h x w passes 2**31 at realistic sizes
+(offsets within one map stay int32).
 """
 from __future__ import annotations
 
@@ -90,7 +92,7 @@ def _region_weights(view_boxes, regions, view_flip, view_rot90, m, box, h, w, oh
 def _forward_kernel(features, view_boxes, regions_ptr, view_flip, view_rot90, out, regions, channels, h, w, oh,
                     ow, sampling_ratio, BLOCK_C: tl.constexpr, BA: tl.constexpr, BB: tl.constexpr,
                     BH: tl.constexpr, BW: tl.constexpr):
-    box = tl.program_id(0)
+    box = tl.program_id(0).to(tl.int64)
     m = box // regions
     c0 = tl.program_id(1) * BLOCK_C
     a, b, scale, odd = _region_weights(view_boxes, regions_ptr, view_flip, view_rot90, m, box, h, w, oh, ow,
@@ -99,7 +101,7 @@ def _forward_kernel(features, view_boxes, regions_ptr, view_flip, view_rot90, ou
     i = tl.arange(0, BH)[:, None]
     col = tl.arange(0, BLOCK_C * BW)[None, :]
     c, j = c0 + col // BW, col % BW
-    f = tl.load(features + (m * channels + c) * h * w + i * w + j, mask=(i < h) & (j < w) & (c < channels),
+    f = tl.load(features + m * channels * h * w + c * h * w + i * w + j, mask=(i < h) & (j < w) & (c < channels),
                 other=0.0).to(tl.float32)
     t = tl.dot(a, f, input_precision=input_precision(a.dtype))                   # (BA, BLOCK_C * BW)
     t = tl.reshape(t, (BA * BLOCK_C, BW))                          # row p * BLOCK_C + c
@@ -109,7 +111,7 @@ def _forward_kernel(features, view_boxes, regions_ptr, view_flip, view_rot90, ou
     q = tl.arange(0, BB)[None, :]
     na, nb = tl.where(odd, ow, oh), tl.where(odd, oh, ow)
     pixel = tl.where(odd, q * ow + p, p * ow + q)
-    tl.store(out + (box * channels + c) * oh * ow + pixel, t.to(out.dtype.element_ty),
+    tl.store(out + box * channels * oh * ow + c * oh * ow + pixel, t.to(out.dtype.element_ty),
              mask=(p < na) & (q < nb) & (c < channels))
 
 
@@ -117,7 +119,7 @@ def _forward_kernel(features, view_boxes, regions_ptr, view_flip, view_rot90, ou
 def _backward_kernel(grad_out, view_boxes, regions_ptr, view_flip, view_rot90, grad, regions, channels, h, w, oh,
                      ow, sampling_ratio, BLOCK_C: tl.constexpr, BA: tl.constexpr, BB: tl.constexpr,
                      BH: tl.constexpr, BW: tl.constexpr):
-    m = tl.program_id(0)
+    m = tl.program_id(0).to(tl.int64)
     c0 = tl.program_id(1) * BLOCK_C
     row = tl.arange(0, BA * BLOCK_C)[:, None]
     p, c = row // BLOCK_C, c0 + row % BLOCK_C
@@ -129,15 +131,16 @@ def _backward_kernel(grad_out, view_boxes, regions_ptr, view_flip, view_rot90, g
                                            sampling_ratio, BA, BB, BH, BW)
         na, nb = tl.where(odd, ow, oh), tl.where(odd, oh, ow)
         pixel = tl.where(odd, q * ow + p, p * ow + q)
-        g = tl.load(grad_out + (box * channels + c) * oh * ow + pixel, mask=(p < na) & (q < nb) & (c < channels),
-                    other=0.0).to(tl.float32) * scale           # (BA * BLOCK_C, BB), row p * BLOCK_C + c
+        # g: (BA * BLOCK_C, BB), row p * BLOCK_C + c
+        g = tl.load(grad_out + box * channels * oh * ow + c * oh * ow + pixel,
+                    mask=(p < na) & (q < nb) & (c < channels), other=0.0).to(tl.float32) * scale
         s = tl.dot(g, b, input_precision=input_precision(g.dtype))  # (BA * BLOCK_C, BW)
         s = tl.reshape(s, (BA, BLOCK_C * BW))
         acc = tl.dot(tl.trans(a), s, acc, input_precision=input_precision(s.dtype))  # (BH, BLOCK_C * BW)
     i = tl.arange(0, BH)[:, None]
     col = tl.arange(0, BLOCK_C * BW)[None, :]
     c, j = c0 + col // BW, col % BW
-    tl.store(grad + (m * channels + c) * h * w + i * w + j, acc.to(grad.dtype.element_ty),
+    tl.store(grad + m * channels * h * w + c * h * w + i * w + j, acc.to(grad.dtype.element_ty),
              mask=(i < h) & (j < w) & (c < channels))
 
 
