@@ -1,12 +1,14 @@
-"""What the Triton interpreter cannot show about the kernels of loca_kernels/*/triton.py,
-checked without a GPU:
+"""What tests on the CPU cannot show about the GPU kernels, checked without a GPU. Triton
+(loca_kernels/*/triton.py; the interpreter runs them in numpy, at small sizes):
 - every tl.dot states its input precision (on a GPU tl.dot multiplies float32 in TF32 by
   default, the interpreter in full float32);
 - grids: only axis x may grow with the batch (CUDA caps axes y and z at 65535), checked on
   the grids the host wrappers launch at a batch of 10**6 (meta tensors: nothing allocated);
 - offsets: a batch or row index is multiplied by a stride or size in int64 (the interpreter
   computes in numpy, and never at 2**31 elements), checked in the TTIR of the specialisations
-  the host wrappers launch, compiled for sm_90 in a child process."""
+  the host wrappers launch, compiled for sm_90 in a child process.
+CUDA (csrc/*/kernels.cu), by reading the source: one-dimensional grids, and the block index
+widened to 64 bits before it multiplies anything."""
 import ast
 import contextlib
 import importlib
@@ -226,3 +228,19 @@ print(json.dumps(found))
               if (found := narrow_index_products(ir))}
     assert not narrow, "int32 products of a batch/row index and a stride (wrap past 2**31):\n" + \
         "\n".join(f"{kernel}:\n  " + "\n  ".join(lines) for kernel, lines in narrow.items())
+
+
+CUDA_FILES = sorted((pathlib.Path(__file__).parents[1] / "csrc").glob("*/kernels.cu"))
+
+
+@pytest.mark.parametrize("path", CUDA_FILES, ids=lambda p: p.parent.name)
+def test_cuda_kernels_use_grid_axis_x_only_and_64_bit_block_offsets(path):
+    # A source check (the kernels' launch arithmetic runs on the device): every launch is
+    # <<<blocks, threads>>> with a 1-D block count, and blockIdx.x (32-bit unsigned) is cast to
+    # int64_t before a product, as static_cast<int64_t>(blockIdx.x) * n.
+    source = path.read_text()
+    other_axes = re.findall(r"(?:blockIdx|gridDim)\.[yz]|\bdim3\b", source)
+    narrow = [line.strip() for line in source.splitlines()
+              if re.search(r"(?<!<int64_t>\()blockIdx\.x\s*\*", line)]
+    assert not other_axes and not narrow, \
+        f"{path.parent.name}/kernels.cu: grid axes {other_axes}, 32-bit products {narrow}"
