@@ -119,19 +119,46 @@ def compile_for_gpu(script: str, timeout: float = 900) -> str:
     return done.stdout
 
 
+def _triton_source(kernel, types: dict, constexprs: dict):
+    from triton.compiler import ASTSource
+
+    signature = {param.name: types.get(param.name, "constexpr") for param in kernel.params}
+    missing = [name for name, kind in signature.items() if kind == "constexpr" and name not in constexprs]
+    assert not missing, f"{kernel.fn.__name__}: no type or constexpr value for {missing}"
+    return ASTSource(kernel, signature, constexprs=constexprs)
+
+
 def compile_triton_kernel(kernel, types: dict, constexprs: dict, *, capability: int = 90, options=None) -> str:
     """Compile a @triton.jit kernel to PTX for sm_<capability> with Triton's own compiler (no
     GPU needed) and return the PTX. `types` gives the Triton type of each runtime argument
     ("*fp16", "i32", ...); every other parameter is a constexpr taken from `constexprs`."""
     import triton
     from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
 
-    signature = {param.name: types.get(param.name, "constexpr") for param in kernel.params}
-    missing = [name for name, kind in signature.items() if kind == "constexpr" and name not in constexprs]
-    assert not missing, f"{kernel.fn.__name__}: no type or constexpr value for {missing}"
-    compiled = triton.compile(ASTSource(kernel, signature, constexprs=constexprs),
-                              target=GPUTarget("cuda", capability, 32), options=options or {})
+    compiled = triton.compile(_triton_source(kernel, types, constexprs), target=GPUTarget("cuda", capability, 32),
+                              options=options or {})
     ptx = compiled.asm["ptx"]
     assert ".entry" in ptx
     return ptx
+
+
+def triton_ttir(kernel, types: dict, constexprs: dict, *, capability: int = 90, options=None) -> str:
+    """The TTIR of a kernel for sm_<capability> (arguments as compile_triton_kernel's): Triton's
+    first IR after its own passes (helper functions inlined, values named after the source),
+    in a fraction of a second where PTX takes seconds."""
+    from triton._C.libtriton import ir
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler.compiler import make_backend
+
+    source = _triton_source(kernel, types, constexprs)
+    target = GPUTarget("cuda", capability, 32)
+    backend = make_backend(target)
+    parsed = backend.parse_options(options or {})
+    context = ir.context()
+    ir.load_dialects(context)
+    backend.load_dialects(context)
+    module = source.make_ir(target, parsed, backend.get_codegen_implementation(parsed), backend.get_module_map(),
+                            context)
+    stages = {}
+    backend.add_stages(stages, parsed, source.language)
+    return str(stages["ttir"](module, {}))

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 import loca_kernels as lk
-from helpers import IGNORE_NUMPY_NAN_WARNINGS, assert_close, backend_params, compile_for_gpu, non_finite_params
+from helpers import (IGNORE_NUMPY_NAN_WARNINGS, TOLERANCES, assert_close, backend_params, compile_for_gpu,
+                     non_finite_params)
 from loca_kernels._backends import extension_has_kernel
 from loca_kernels.attention.keep import compact_keep
 
@@ -436,3 +437,85 @@ def test_uint8_keep_is_a_dtype_error():
     mask = torch.tensor([[1, 0, 1, 1, 0], [0, 1, 1, 0, 0]], dtype=torch.uint8)
     with pytest.raises(TypeError, match=r"masked_cross_attention: keep .*got torch.uint8.*keep.bool\(\)"):
         lk.masked_cross_attention(q, k, v, mask)
+
+
+# ---- float32 precision of the Triton kernels on a GPU, emulated --------------------------
+# The interpreter multiplies tl.dot's float32 operands in full float32; a GPU rounds them to
+# TF32 (10-bit mantissas) unless the kernel asks otherwise (loca_kernels/_triton_dot.py). The
+# emulation below rounds the operands of each dot of the Triton kernels as the tensor cores
+# would and computes the rest in float64: rounding the operands is the error TF32 adds.
+
+def _tf32(x):
+    """x (float32) rounded to TF32, as cvt.rna.tf32.f32: 10 mantissa bits, ties away from zero."""
+    return ((x.view(torch.int32) + 0x1000) & ~0x1FFF).view(torch.float32)
+
+
+def _emulated_dot(a, b, precision):
+    """a @ b of float32 operands as tl.dot(a, b, input_precision=precision) on a GPU."""
+    if precision == "ieee":
+        return (a.double() @ b.double()).float()
+    if precision == "tf32":
+        return (_tf32(a).double() @ _tf32(b).double()).float()
+    assert precision == "tf32x3"  # Triton's split: big + small TF32 parts, small * small dropped
+    big_a, big_b = _tf32(a), _tf32(b)
+    small_a, small_b = _tf32(a - big_a).double(), _tf32(b - big_b).double()
+    big_a, big_b = big_a.double(), big_b.double()
+    return (small_a @ big_b + big_a @ small_b + big_a @ big_b).float()
+
+
+def _emulated_triton_attention(q, k, v, mask, grad_out, scale, precision):
+    """Output and gradients of the Triton kernels' dots (attention/triton.py) in float32 at
+    `precision`: S = Q K^T, out = P V / sum P; dP = dO V^T, dS = P (dP - delta), dQ = dS K,
+    dV = P^T dO and dK = dS^T Q summed over the views of a reference."""
+    bq, bk = q.shape[0], k.shape[0]
+    dot = lambda a, b: _emulated_dot(a, b, precision)  # noqa: E731
+    heads_first = lambda t: t.transpose(1, 2)  # noqa: E731  (B, N, H, D) -> (B, H, N, D)
+    qh, kh, vh = heads_first(q), heads_first(k[torch.arange(bq) % bk]), heads_first(v[torch.arange(bq) % bk])
+    go = heads_first(grad_out)
+    visible = mask[:, None, None, :]
+    s = dot(qh, kh.transpose(-1, -2)) * scale
+    peak = s.masked_fill(~visible, float("-inf")).amax(-1, keepdim=True).clamp_min(-3e38)
+    p = torch.exp(s - peak).masked_fill(~visible, 0.0)
+    total = p.sum(-1, keepdim=True)
+    out = dot(p, vh) / total.clamp_min(1e-30)
+    p = p / total.clamp_min(1e-30)
+    delta = (go * out).sum(-1, keepdim=True)
+    ds = p * (dot(go, vh.transpose(-1, -2)) - delta) * scale
+    grad_q = dot(ds, kh)
+    per_view = lambda t: heads_first(t).reshape(bq // bk, bk, *k.shape[1:]).sum(0)  # noqa: E731
+    grad_v = per_view(dot(p.transpose(-1, -2), go))
+    grad_k = per_view(dot(ds.transpose(-1, -2), qh))
+    return heads_first(out), heads_first(grad_q), grad_k, grad_v
+
+
+def _out_of_tolerance(actual, expected, dtype):
+    """(elements out of tolerance, the largest error / allowed error)."""
+    atol, rtol = TOLERANCES[dtype]
+    ratio = (actual.double() - expected).abs() / (atol + rtol * expected.abs())
+    return int((ratio > 1).sum()), ratio.max().item()
+
+
+@pytest.mark.parametrize("shape", [(2, 9, 7, 7, 3, 16), (1, 10, 36, 196, 2, 64)], ids=lambda s: "x".join(map(str, s)))
+def test_float32_triton_precision_on_a_gpu_by_emulation(shape):
+    # TF32 (tl.dot's GPU default) puts float32 results outside the float32 tolerance; the
+    # precision the kernels use (input_precision) and tf32x3 stay inside it.
+    tl = pytest.importorskip("triton.language")
+    from loca_kernels._triton_dot import input_precision
+
+    chosen = input_precision(tl.float32)
+    bk, views, nq, nk, h, d = shape
+    g = torch.Generator().manual_seed(sum(shape))
+    q = torch.randn(views * bk, nq, h, d, generator=g)
+    k, v, grad_out = torch.randn(bk, nk, h, d, generator=g), torch.randn(bk, nk, h, d, generator=g), \
+        torch.randn(views * bk, nq, h, d, generator=g)
+    keep = lk.random_keep(views * bk, nk, max(1, nk // 3), generator=g)
+    mask = lk.keep_to_mask(keep, q.shape[0], nk, q.device)
+    expected = _grads("torch", q.double(), torch.stack([k, v], dim=2).double(), keep, grad_out.double())
+    worst = {}
+    for precision in ("tf32", "tf32x3", chosen):
+        got = _emulated_triton_attention(q, k, v, mask, grad_out, d ** -0.5, precision)
+        worst[precision] = {name: _out_of_tolerance(a, e, torch.float32)
+                            for name, a, e in zip(("out", "grad_q", "grad_k", "grad_v"), got, expected)}
+    assert worst["tf32"]["out"][0] > 0, worst
+    for precision in ("tf32x3", chosen):
+        assert all(count == 0 for count, _ in worst[precision].values()), (precision, worst)

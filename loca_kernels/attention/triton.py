@@ -9,6 +9,10 @@ of a reference are read in place by each of its views (no copies). The backward 
 one kernel for dQ (the forward's tiling) and one for dK/dV per (reference row, head, key
 block) that loops over the views of that reference, so that dK/dV are summed in registers
 and written once: deterministic, no atomics.
+
+Grids are one-dimensional (axes y and z stop at 65535: (Bq x heads) passes it at a ViT-B batch
+of about 550 per GPU), and the batch row and head of a program are int64: they multiply
+strides, and Bq x Nq x H x D passes 2**31 at realistic batches.
 """
 from __future__ import annotations
 
@@ -17,6 +21,7 @@ import triton
 import triton.language as tl
 
 from .._backends import TRITON_INTERPRET
+from .._triton_dot import input_precision
 
 # The interpreter multiplies bf16 tl.dot operands as integers: compute the dots in fp32 there.
 DOT_IN_FP32 = TRITON_INTERPRET
@@ -38,10 +43,12 @@ def _keep_positions(keep_index, keep_count, r, stride_keep, offs, IS_RUN: tl.con
 
 @triton.jit
 def _query_block(nq, heads, bk, keep_rows, BLOCK_M: tl.constexpr):
-    """This program's query row i, head h, reference row b, keep row r, and block of queries."""
-    row_head = tl.program_id(1)
+    """This program's query row i, head h, reference row b, keep row r (int64), and block of
+    queries; programs run query block fastest, then head, then query row."""
+    blocks = tl.cdiv(nq, BLOCK_M)
+    row_head = (tl.program_id(0) // blocks).to(tl.int64)
     i, h = row_head // heads, row_head % heads
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_m = (tl.program_id(0) % blocks) * BLOCK_M + tl.arange(0, BLOCK_M)
     return row_head, i, h, i % bk, i % keep_rows, offs_m, offs_m < nq
 
 
@@ -56,8 +63,8 @@ def _key_value_tiles(k, v, b, h, pos, valid, offs_d, skb, skn, skh, svb, svn, sv
 @triton.jit
 def _dot(a, b, DOT_FP32: tl.constexpr):
     if DOT_FP32:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32))
-    return tl.dot(a, b)
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision=input_precision(tl.float32))
+    return tl.dot(a, b, input_precision=input_precision(a.dtype))
 
 
 @triton.jit
@@ -121,22 +128,23 @@ def _grad_q_kernel(q, k, v, grad_out, grad_q, lse, delta, keep_index, keep_count
         dp = _dot(got, tl.trans(vt), DOT_FP32)
         ds = p * (dp - row_delta[:, None]) * scale
         acc += _dot(ds.to(kt.dtype), kt, DOT_FP32)
-    tl.store(grad_q + i * (nq * heads * D) + h * D + offs_m[:, None] * (heads * D) + offs_d[None, :],
+    tl.store(grad_q + i * nq * heads * D + h * D + offs_m[:, None] * (heads * D) + offs_d[None, :],
              acc.to(grad_q.dtype.element_ty), mask=row_ok[:, None])
 
 
 @triton.jit
 def _grad_kv_kernel(q, k, v, grad_out, grad_k, grad_v, lse, delta, keep_index, keep_count, visible,
                     sqb, sqn, sqh, skb, skn, skh, svb, svn, svh, sgb, sgn, sgh, stride_keep,
-                    nq, nk, heads, bk, views, keep_rows, scale,
+                    nq, nk, heads, bk, views, keep_rows, key_blocks, scale,
                     D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                     IS_RUN: tl.constexpr, SHARED: tl.constexpr, DOT_FP32: tl.constexpr):
     """SHARED: every view of reference b uses keep row b % keep_rows, and the program owns
     a block of that row's compact list. Otherwise (a keep row per query row) it owns a
-    block of the dense key axis and `visible` (Bq, Nk) says which keys each view sees."""
-    ref_head = tl.program_id(1)
+    block of the dense key axis and `visible` (Bq, Nk) says which keys each view sees.
+    Programs run key block fastest, then head, then reference row."""
+    ref_head = (tl.program_id(0) // key_blocks).to(tl.int64)
     b, h = ref_head // heads, ref_head % heads
-    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_n = (tl.program_id(0) % key_blocks) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, D)
     if SHARED:
         pos, key_ok = _keep_positions(keep_index, keep_count, b % keep_rows, stride_keep, offs_n, IS_RUN)
@@ -169,9 +177,10 @@ def _grad_kv_kernel(q, k, v, grad_out, grad_k, grad_v, lse, delta, keep_index, k
             dp = _dot(got, tl.trans(vt), DOT_FP32)
             ds = p * (dp - row_delta[:, None]) * scale
             acc_k += _dot(tl.trans(ds).to(qt.dtype), qt, DOT_FP32)
-    dest = b * (nk * heads * D) + h * D + pos[:, None] * (heads * D) + offs_d[None, :]
-    tl.store(grad_k + dest, acc_k.to(grad_k.dtype.element_ty), mask=key_ok[:, None])
-    tl.store(grad_v + dest, acc_v.to(grad_v.dtype.element_ty), mask=key_ok[:, None])
+    base = b * nk * heads * D + h * D    # int64; the tile's offsets below stay int32
+    dest = pos[:, None] * (heads * D) + offs_d[None, :]
+    tl.store(grad_k + base + dest, acc_k.to(grad_k.dtype.element_ty), mask=key_ok[:, None])
+    tl.store(grad_v + base + dest, acc_v.to(grad_v.dtype.element_ty), mask=key_ok[:, None])
 
 
 def _dense_visible(keep_index, keep_count, keep_is_run: bool, nk: int) -> torch.Tensor:
@@ -204,10 +213,10 @@ def attention_forward_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     out = q.new_empty(q.shape)
     lse = q.new_empty((bq, heads, nq), dtype=torch.float32)
     block_m = _block_m(nq)
-    grid = (triton.cdiv(nq, block_m), bq * heads)
-    _forward_kernel[grid](q, k, v, out, lse, keep_index, keep_count, *_strides(q), *_strides(k), *_strides(v),
-                          *_strides(out), keep_index.stride(0), nq, heads, k.shape[0], keep_index.shape[0], scale,
-                          D=d, BLOCK_M=block_m, BLOCK_N=BLOCK_N, IS_RUN=keep_is_run, DOT_FP32=DOT_IN_FP32)
+    _forward_kernel[(triton.cdiv(nq, block_m) * bq * heads,)](
+        q, k, v, out, lse, keep_index, keep_count, *_strides(q), *_strides(k), *_strides(v), *_strides(out),
+        keep_index.stride(0), nq, heads, k.shape[0], keep_index.shape[0], scale,
+        D=d, BLOCK_M=block_m, BLOCK_N=BLOCK_N, IS_RUN=keep_is_run, DOT_FP32=DOT_IN_FP32)
     return out, lse
 
 
@@ -225,7 +234,7 @@ def attention_backward_triton(grad_out: torch.Tensor, q: torch.Tensor, k: torch.
     grad_k, grad_v = k.new_zeros(k.shape), v.new_zeros(v.shape)  # keys no view sees get 0
     block_m = _block_m(nq)
     common = dict(D=d, BLOCK_M=block_m, BLOCK_N=BLOCK_N, IS_RUN=keep_is_run, DOT_FP32=DOT_IN_FP32)
-    _grad_q_kernel[(triton.cdiv(nq, block_m), bq * heads)](
+    _grad_q_kernel[(triton.cdiv(nq, block_m) * bq * heads,)](
         q, k, v, grad_out, grad_q, lse, delta, keep_index, keep_count, *_strides(q), *_strides(k), *_strides(v),
         *_strides(grad_out), keep_index.stride(0), nq, heads, bk, keep_rows, scale, **common)
     shared = keep_rows != bq or bq == bk
@@ -235,8 +244,8 @@ def attention_backward_triton(grad_out: torch.Tensor, q: torch.Tensor, k: torch.
     else:
         visible = _dense_visible(keep_index, keep_count, keep_is_run, nk)
         key_blocks = triton.cdiv(nk, BLOCK_N)
-    _grad_kv_kernel[(key_blocks, bk * heads)](
+    _grad_kv_kernel[(key_blocks * bk * heads,)](
         q, k, v, grad_out, grad_k, grad_v, lse, delta, keep_index, keep_count, visible, *_strides(q), *_strides(k),
-        *_strides(v), *_strides(grad_out), keep_index.stride(0), nq, nk, heads, bk, bq // bk, keep_rows, scale,
-        SHARED=shared, **common)
+        *_strides(v), *_strides(grad_out), keep_index.stride(0), nq, nk, heads, bk, bq // bk, keep_rows, key_blocks,
+        scale, SHARED=shared, **common)
     return grad_q, grad_k, grad_v

@@ -5,7 +5,8 @@ loca_kernels::queue_contrastive_forward, csrc/ops.cpp).
 One program per block of query rows, like flash attention's forward with the queue as keys
 and values: the program loops over queue tiles, keeping per row a running max, a running sum
 of exp(l - max) and (WITH_GRAD) the running exp-weighted sum of queue rows, all in float32.
-A whole row of D is one block (masked past D), so D is limited to TRITON_MAX_DIM.
+A whole row of D is one block (masked past D), so D is limited to TRITON_MAX_DIM. The first
+row of a block and of a queue tile are int64 (they multiply strides); offsets within stay int32.
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import triton
 import triton.language as tl
 
 from .._backends import TRITON_INTERPRET
+from .._triton_dot import input_precision
 
 BLOCK_N = 64
 BLOCK_K = 64
@@ -23,13 +25,10 @@ DOT_IN_FP32 = TRITON_INTERPRET
 
 @triton.jit
 def _dot(a, b, DOT_FP32: tl.constexpr):
-    # float32 inputs are multiplied in full float32 (not tf32): at temperature 0.005 a logit
-    # is 200 times the dot product, and tf32's 1e-3 relative error would show.
+    # At temperature 0.005 a logit is 200 times the dot product: float32's precision matters.
     if DOT_FP32:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
-    if a.dtype == tl.float32:
-        return tl.dot(a, b, input_precision="ieee")
-    return tl.dot(a, b)
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision=input_precision(tl.float32))
+    return tl.dot(a, b, input_precision=input_precision(a.dtype))
 
 
 @triton.jit(do_not_specialize=["n", "k", "d"])
@@ -37,13 +36,17 @@ def _forward_kernel(query, positive, queue, loss, weighted, n, k, d, stride_qn, 
                     stride_kk, stride_kd, inv_temperature,
                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
                     WITH_GRAD: tl.constexpr, DOT_FP32: tl.constexpr):
-    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    first = tl.program_id(0).to(tl.int64) * BLOCK_N
+    lanes = tl.arange(0, BLOCK_N)
+    rows = first + lanes
     dims = tl.arange(0, BLOCK_D)
     row_ok = rows < n
     dim_ok = dims < d
     ok = row_ok[:, None] & dim_ok[None, :]
-    q = tl.load(query + rows[:, None] * stride_qn + dims[None, :] * stride_qd, mask=ok, other=0.0)
-    p = tl.load(positive + rows[:, None] * stride_pn + dims[None, :] * stride_pd, mask=ok, other=0.0)
+    q = tl.load(query + first * stride_qn + lanes[:, None] * stride_qn + dims[None, :] * stride_qd, mask=ok,
+                other=0.0)
+    p = tl.load(positive + first * stride_pn + lanes[:, None] * stride_pn + dims[None, :] * stride_pd, mask=ok,
+                other=0.0)
     positive_logit = tl.sum(q.to(tl.float32) * p.to(tl.float32), 1) * inv_temperature
     # l_0 starts the running max m, with sum exp(l_0 - m) = 1.
     # A NaN or infinite logit makes the row's loss NaN (SPEC.md section 5): l_0 * 0 starts the
@@ -53,11 +56,13 @@ def _forward_kernel(query, positive, queue, loss, weighted, n, k, d, stride_qn, 
     running_sum = 1.0 + positive_logit * 0.0
     acc = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     cols_lane = tl.arange(0, BLOCK_K)
+    tiles = queue  # the current queue tile: a pointer advanced by 64-bit pointer arithmetic
     for k0 in range(0, k, BLOCK_K):
         cols = k0 + cols_lane
         col_ok = cols < k
-        tile = tl.load(queue + cols[:, None] * stride_kk + dims[None, :] * stride_kd,
+        tile = tl.load(tiles + cols_lane[:, None] * stride_kk + dims[None, :] * stride_kd,
                        mask=col_ok[:, None] & dim_ok[None, :], other=0.0)
+        tiles += BLOCK_K * stride_kk
         logits = _dot(q, tl.trans(tile), DOT_FP32) * inv_temperature
         nan = tl.sum(tl.where(col_ok[None, :], logits * 0.0, 0.0), 1)
         logits = tl.where(col_ok[None, :], logits, float("-inf"))
@@ -70,7 +75,7 @@ def _forward_kernel(query, positive, queue, loss, weighted, n, k, d, stride_qn, 
             acc = acc * rescale[:, None] + _dot(e.to(tile.dtype), tile, DOT_FP32)
     tl.store(loss + rows, running_max + tl.log(running_sum) - positive_logit, mask=row_ok)
     if WITH_GRAD:
-        tl.store(weighted + rows[:, None] * d + dims[None, :], acc / running_sum[:, None], mask=ok)
+        tl.store(weighted + first * d + lanes[:, None] * d + dims[None, :], acc / running_sum[:, None], mask=ok)
 
 
 def block_d(d: int) -> int:

@@ -16,12 +16,16 @@ the regions of its view in order in registers and writes its block once: each gr
 has one writer and a fixed summation order, so the result is deterministic (no atomics).
 
 Maps, out sizes up to MAX_SIDE on each side (registers); larger calls use another backend.
+The view and box of a program are int64: views x C x h x w passes 2**31 at realistic sizes
+(offsets within one map stay int32).
 """
 from __future__ import annotations
 
 import torch
 import triton
 import triton.language as tl
+
+from .._triton_dot import input_precision
 
 MAX_SIDE = 64
 _INTS = ["regions", "channels", "h", "w", "oh", "ow", "sampling_ratio"]
@@ -90,7 +94,7 @@ def _region_weights(view_boxes, regions, view_flip, view_rot90, m, box, h, w, oh
 def _forward_kernel(features, view_boxes, regions_ptr, view_flip, view_rot90, out, regions, channels, h, w, oh,
                     ow, sampling_ratio, BLOCK_C: tl.constexpr, BA: tl.constexpr, BB: tl.constexpr,
                     BH: tl.constexpr, BW: tl.constexpr):
-    box = tl.program_id(0)
+    box = tl.program_id(0).to(tl.int64)
     m = box // regions
     c0 = tl.program_id(1) * BLOCK_C
     a, b, scale, odd = _region_weights(view_boxes, regions_ptr, view_flip, view_rot90, m, box, h, w, oh, ow,
@@ -99,18 +103,18 @@ def _forward_kernel(features, view_boxes, regions_ptr, view_flip, view_rot90, ou
     i = tl.arange(0, BH)[:, None]
     col = tl.arange(0, BLOCK_C * BW)[None, :]
     c, j = c0 + col // BW, col % BW
-    f = tl.load(features + (m * channels + c) * h * w + i * w + j, mask=(i < h) & (j < w) & (c < channels),
+    f = tl.load(features + m * channels * h * w + c * h * w + i * w + j, mask=(i < h) & (j < w) & (c < channels),
                 other=0.0).to(tl.float32)
     bad = f * 0.0 != 0.0                                           # NaN or infinite
-    t = tl.dot(a, tl.where(bad, 0.0, f), input_precision="ieee")   # (BA, BLOCK_C * BW)
+    t = tl.dot(a, tl.where(bad, 0.0, f), input_precision=input_precision(a.dtype))  # (BA, BLOCK_C * BW)
     t = tl.reshape(t, (BA * BLOCK_C, BW))                          # row p * BLOCK_C + c
-    t = tl.dot(t, tl.trans(b), input_precision="ieee") * scale     # (BA * BLOCK_C, BB)
+    t = tl.dot(t, tl.trans(b), input_precision=input_precision(t.dtype)) * scale  # (BA * BLOCK_C, BB)
     if tl.max(tl.max(bad.to(tl.int32), 1), 0) > 0:
         # NaN exactly at the bins that give a bad pixel a nonzero weight (SPEC.md section 7): a
         # zero weight times NaN inside the dots would spread it to every bin.
-        hit = tl.dot((a != 0.0).to(tl.float32), bad.to(tl.float32), input_precision="ieee")
+        hit = tl.dot((a != 0.0).to(tl.float32), bad.to(tl.float32), input_precision=input_precision(tl.float32))
         hit = tl.reshape(hit, (BA * BLOCK_C, BW))
-        hit = tl.dot(hit, tl.trans((b != 0.0).to(tl.float32)), input_precision="ieee")
+        hit = tl.dot(hit, tl.trans((b != 0.0).to(tl.float32)), input_precision=input_precision(tl.float32))
         t = tl.where(hit > 0.0, float("nan"), t)
     # A NaN or infinite region coordinate makes the region's result NaN.
     t += (tl.load(regions_ptr + box * 4 + 0) + tl.load(regions_ptr + box * 4 + 1) + tl.load(regions_ptr + box * 4 + 2)
@@ -120,7 +124,7 @@ def _forward_kernel(features, view_boxes, regions_ptr, view_flip, view_rot90, ou
     q = tl.arange(0, BB)[None, :]
     na, nb = tl.where(odd, ow, oh), tl.where(odd, oh, ow)
     pixel = tl.where(odd, q * ow + p, p * ow + q)
-    tl.store(out + (box * channels + c) * oh * ow + pixel, t.to(out.dtype.element_ty),
+    tl.store(out + box * channels * oh * ow + c * oh * ow + pixel, t.to(out.dtype.element_ty),
              mask=(p < na) & (q < nb) & (c < channels))
 
 
@@ -128,7 +132,7 @@ def _forward_kernel(features, view_boxes, regions_ptr, view_flip, view_rot90, ou
 def _backward_kernel(grad_out, view_boxes, regions_ptr, view_flip, view_rot90, grad, regions, channels, h, w, oh,
                      ow, sampling_ratio, BLOCK_C: tl.constexpr, BA: tl.constexpr, BB: tl.constexpr,
                      BH: tl.constexpr, BW: tl.constexpr):
-    m = tl.program_id(0)
+    m = tl.program_id(0).to(tl.int64)
     c0 = tl.program_id(1) * BLOCK_C
     row = tl.arange(0, BA * BLOCK_C)[:, None]
     p, c = row // BLOCK_C, c0 + row % BLOCK_C
@@ -140,15 +144,16 @@ def _backward_kernel(grad_out, view_boxes, regions_ptr, view_flip, view_rot90, g
                                            sampling_ratio, BA, BB, BH, BW)
         na, nb = tl.where(odd, ow, oh), tl.where(odd, oh, ow)
         pixel = tl.where(odd, q * ow + p, p * ow + q)
-        g = tl.load(grad_out + (box * channels + c) * oh * ow + pixel, mask=(p < na) & (q < nb) & (c < channels),
-                    other=0.0).to(tl.float32) * scale           # (BA * BLOCK_C, BB), row p * BLOCK_C + c
-        s = tl.dot(g, b, input_precision="ieee")                # (BA * BLOCK_C, BW)
+        # g: (BA * BLOCK_C, BB), row p * BLOCK_C + c
+        g = tl.load(grad_out + box * channels * oh * ow + c * oh * ow + pixel,
+                    mask=(p < na) & (q < nb) & (c < channels), other=0.0).to(tl.float32) * scale
+        s = tl.dot(g, b, input_precision=input_precision(g.dtype))  # (BA * BLOCK_C, BW)
         s = tl.reshape(s, (BA, BLOCK_C * BW))
-        acc = tl.dot(tl.trans(a), s, acc, input_precision="ieee")  # (BH, BLOCK_C * BW)
+        acc = tl.dot(tl.trans(a), s, acc, input_precision=input_precision(s.dtype))  # (BH, BLOCK_C * BW)
     i = tl.arange(0, BH)[:, None]
     col = tl.arange(0, BLOCK_C * BW)[None, :]
     c, j = c0 + col // BW, col % BW
-    tl.store(grad + (m * channels + c) * h * w + i * w + j, acc.to(grad.dtype.element_ty),
+    tl.store(grad + m * channels * h * w + c * h * w + i * w + j, acc.to(grad.dtype.element_ty),
              mask=(i < h) & (j < w) & (c < channels))
 
 

@@ -16,12 +16,17 @@ needs; the rows of a are then grouped by the row of b they chose (a stable sort 
 searchsorted, deterministic on CUDA), and a second kernel with one program per block of rows
 of b sums their groups, consecutive in that order, in a fixed order. (index_add_ would add
 with float atomics: sums in an order that changes from run to run.)
+
+Grids are one-dimensional, row blocks fastest, then batch elements (axes y and z stop at
+65535), and the batch element of a program is int64: it multiplies strides.
 """
 from __future__ import annotations
 
 import torch
 import triton
 import triton.language as tl
+
+from .._triton_dot import input_precision
 
 EPS = 1e-12  # F.normalize's default
 BLOCK_N = 64
@@ -45,6 +50,13 @@ def _load_rows(rows, ok, k0, c, sc, BLOCK_K: tl.constexpr):
 
 
 @triton.jit
+def _program_block(rows, BLOCK: tl.constexpr):
+    """This program's batch element (int64) and first row, for blocks of BLOCK of `rows` rows."""
+    blocks = tl.cdiv(rows, BLOCK)
+    return (tl.program_id(0) // blocks).to(tl.int64), (tl.program_id(0) % blocks) * BLOCK
+
+
+@triton.jit
 def _row_norm(rows, ok, c, sc, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
     """|row| in float32 of each of a block of BLOCK_R rows (as _load_rows)."""
     squares = tl.zeros([BLOCK_R], tl.float32)
@@ -57,8 +69,8 @@ def _row_norm(rows, ok, c, sc, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
 @triton.jit
 def _forward_kernel(a, b, index, similarity, na, nb, c, sab, san, sac, sbb, sbn, sbc, eps,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    batch = tl.program_id(1)
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    batch, m0 = _program_block(na, BLOCK_M)
+    offs_m = m0 + tl.arange(0, BLOCK_M)
     row_ok = offs_m < na
     a_rows = a + batch * sab + offs_m[:, None] * san
     denom_a = tl.maximum(_row_norm(a_rows, row_ok, c, sac, BLOCK_M, BLOCK_K), eps)
@@ -74,7 +86,7 @@ def _forward_kernel(a, b, index, similarity, na, nb, c, sab, san, sac, sbb, sbn,
             x = _load_rows(a_rows, row_ok, k0, c, sac, BLOCK_K)
             y = _load_rows(b_rows, col_ok, k0, c, sbc, BLOCK_K)
             s = tl.dot(_normalised(x, denom_a[:, None]), tl.trans(_normalised(y, denom_b[:, None])), s,
-                       input_precision="ieee")
+                       input_precision=input_precision(tl.float32))
         # A NaN cosine (a NaN or infinite entry in its rows) wins as in torch.argmax: it is
         # ranked as +inf (cosines are at most 1), the first one kept, and stored as NaN.
         s = tl.where(col_ok[None, :], tl.where(s != s, float("inf"), s), float("-inf"))
@@ -92,8 +104,8 @@ def _grad_a_kernel(grad_similarity, a, b, index, grad_a, weight, along, na, c, s
                    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
     """grad_a_i = g_i / d_i (b_j / e_j - [|a_i| >= eps] sim_i a_i / d_i) for j = index_i, and the
     terms of grad_b_j: weight_i = g_i / d_i (multiplies a_i), along_i = g_i sim_i."""
-    batch = tl.program_id(1)
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    batch, m0 = _program_block(na, BLOCK_M)
+    offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_k = tl.arange(0, BLOCK_K)
     row_ok = offs_m < na
     rows = batch * na + offs_m
@@ -121,7 +133,8 @@ def _grad_a_kernel(grad_similarity, a, b, index, grad_a, weight, along, na, c, s
         x = _load_rows(a_rows, row_ok, k0, c, sac, BLOCK_K)
         y = _load_rows(b_rows, row_ok, k0, c, sbc, BLOCK_K)
         grad = scale[:, None] * (y / e[:, None] - gated[:, None] * x / d[:, None])
-        tl.store(grad_a + rows[:, None] * c + (k0 + offs_k)[None, :], grad.to(grad_a.dtype.element_ty), mask=mask)
+        tl.store(grad_a + batch * na * c + offs_m[:, None] * c + (k0 + offs_k)[None, :],
+                 grad.to(grad_a.dtype.element_ty), mask=mask)
     tl.store(weight + rows, scale, mask=row_ok)
     tl.store(along + rows, g * sim, mask=row_ok)
 
@@ -133,8 +146,7 @@ def _grad_b_kernel(a, b, order, chosen, starts, weight, along, grad_b, na, nb, c
     rows i that chose j. The program's BLOCK_J rows of b were chosen by the consecutive run
     order[starts[j0]:starts[j0 + BLOCK_J]] (chosen: their rows of b); each step takes BLOCK_G
     of them and adds a segmented sum as one product (weights where the row matches) @ a rows."""
-    batch = tl.program_id(1)
-    j0 = tl.program_id(0) * BLOCK_J
+    batch, j0 = _program_block(nb, BLOCK_J)
     offs_j = j0 + tl.arange(0, BLOCK_J)
     offs_k = tl.arange(0, BLOCK_K)
     offs_g = tl.arange(0, BLOCK_G)
@@ -160,10 +172,10 @@ def _grad_b_kernel(a, b, order, chosen, starts, weight, along, grad_b, na, nb, c
             hit = tl.load(chosen + batch * na + g0 + offs_g, mask=g_ok, other=-1)[None, :] == offs_j[:, None]
             pick = tl.where(hit, tl.load(weight + batch * na + i, mask=g_ok, other=0.0)[None, :], 0.0)
             x = _load_rows(a + batch * sab + i[:, None] * san, g_ok, k0, c, sac, BLOCK_K)
-            acc = tl.dot(pick, x, acc, input_precision="ieee")
+            acc = tl.dot(pick, x, acc, input_precision=input_precision(x.dtype))
         y = _load_rows(b_rows, j_ok, k0, c, sbc, BLOCK_K)
         grad = (acc - gated[:, None] * y / e[:, None]) / e[:, None]
-        tl.store(grad_b + (batch * nb + offs_j[:, None]) * c + (k0 + offs_k)[None, :],
+        tl.store(grad_b + batch * nb * c + offs_j[:, None] * c + (k0 + offs_k)[None, :],
                  grad.to(grad_b.dtype.element_ty), mask=j_ok[:, None] & k_ok[None, :])
 
 
@@ -178,7 +190,7 @@ def patch_matching_triton(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tenso
     index = torch.empty(batch, na, dtype=torch.int64, device=a.device)
     similarity = torch.empty(batch, na, dtype=torch.float32, device=a.device)
     block_m = _block_m(na)
-    _forward_kernel[(triton.cdiv(na, block_m), batch)](
+    _forward_kernel[(triton.cdiv(na, block_m) * batch,)](
         a, b, index, similarity, na, nb, c, *a.stride(), *b.stride(), EPS,
         BLOCK_M=block_m, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K)
     return similarity, index
@@ -195,14 +207,14 @@ def patch_matching_backward_triton(grad_similarity: torch.Tensor, a: torch.Tenso
     along = torch.empty_like(weight)
     index = index.contiguous()
     block_m = _block_m(na)
-    _grad_a_kernel[(triton.cdiv(na, block_m), batch)](
+    _grad_a_kernel[(triton.cdiv(na, block_m) * batch,)](
         grad_similarity.float().contiguous(), a, b, index, grad_a, weight, along, na, c, *a.stride(), *b.stride(),
         EPS, BLOCK_M=block_m, BLOCK_K=BLOCK_K)
     # The rows of a grouped by their chosen row of b, ascending within a group.
     chosen, order = torch.sort(index, dim=1, stable=True)
     targets = torch.arange(nb + 1, device=a.device).expand(batch, nb + 1).contiguous()
     starts = torch.searchsorted(chosen, targets)
-    _grad_b_kernel[(triton.cdiv(nb, BLOCK_J), batch)](
+    _grad_b_kernel[(triton.cdiv(nb, BLOCK_J) * batch,)](
         a, b, order, chosen, starts, weight, along, grad_b, na, nb, c, *a.stride(), *b.stride(), EPS,
         BLOCK_J=BLOCK_J, BLOCK_G=BLOCK_G, BLOCK_K=BLOCK_K)
     return grad_a, grad_b

@@ -7,7 +7,8 @@ in registers. Otherwise a first sweep over K computes each row's max (and, for n
 rows, its log-sum-exp online) and a second sweep re-reads the row block (just read: from
 cache) to write the probabilities or add them into the program's column sums in memory.
 Sums are per program, not per row block: their size does not grow with N. The host adds
-them in a fixed order.
+them in a fixed order. Row offsets are int64: N x K passes 2**31 at LOCA's scale (N 50176 x
+K 65536 is 3.3e9); the offsets within a row block stay int32.
 """
 from __future__ import annotations
 
@@ -23,7 +24,8 @@ PROGRAMS_PER_SM = 4
 
 @triton.jit
 def _load_x(scores, col_scale, rows, cols, ok, k, stride_n, inv_epsilon):
-    """x = scores / epsilon - col_scale on a (rows, cols) tile, -inf outside the matrix."""
+    """x = scores / epsilon - col_scale on a (rows, cols) tile, -inf outside the matrix (rows
+    counted from the row block's first, which `scores` points at)."""
     s = tl.load(scores + rows[:, None] * stride_n + cols[None, :], mask=ok, other=0.0)
     x = s.to(tl.float32) * inv_epsilon - tl.load(col_scale + cols, mask=cols < k, other=0.0)[None, :]
     return tl.where(ok, x, float("-inf"))
@@ -40,18 +42,20 @@ def _row_nan(x, ok):
 def _sinkhorn_pass_kernel(scores, col_scale, out, partial, partial_shift, n, k, stride_n, inv_epsilon,
                           blocks_per_program, NORMALIZE: tl.constexpr, WRITE: tl.constexpr,
                           BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ONE_TILE: tl.constexpr):
-    pid = tl.program_id(0)
+    pid = tl.program_id(0).to(tl.int64)
     row_lane = tl.arange(0, BLOCK_N)
     col_lane = tl.arange(0, BLOCK_K)
     # Unnormalised column sums are of exp(x - shift), shift the largest x seen so far.
     shift = tl.max(tl.full([BLOCK_N], float("-inf"), tl.float32), 0)
     column_sums = tl.zeros([BLOCK_K], tl.float32)  # ONE_TILE: the program's sums stay in registers
     for block in range(pid * blocks_per_program, (pid + 1) * blocks_per_program):
-        rows = block * BLOCK_N + row_lane
-        row_ok = rows < n
+        first = block * BLOCK_N      # int64
+        block_scores = scores + first * stride_n
+        block_out = out + first * k
+        row_ok = first + row_lane < n
         if ONE_TILE:  # the rows fit one tile: read once, kept for both sweeps
             ok = row_ok[:, None] & (col_lane < k)[None, :]
-            x = _load_x(scores, col_scale, rows, col_lane, ok, k, stride_n, inv_epsilon)
+            x = _load_x(block_scores, col_scale, row_lane, col_lane, ok, k, stride_n, inv_epsilon)
             peak = tl.max(x, 1)
             safe = tl.where(peak == float("-inf"), 0.0, peak)        # rows past N
             total = tl.sum(tl.exp(x - safe[:, None]), 1)
@@ -63,7 +67,7 @@ def _sinkhorn_pass_kernel(scores, col_scale, out, partial, partial_shift, n, k, 
             for k0 in range(0, k, BLOCK_K):
                 cols = k0 + col_lane
                 ok = row_ok[:, None] & (cols < k)[None, :]
-                x = _load_x(scores, col_scale, rows, cols, ok, k, stride_n, inv_epsilon)
+                x = _load_x(block_scores, col_scale, row_lane, cols, ok, k, stride_n, inv_epsilon)
                 nan += _row_nan(x, ok)
                 grown = tl.maximum(peak, tl.max(x, 1))
                 if NORMALIZE:
@@ -86,16 +90,17 @@ def _sinkhorn_pass_kernel(scores, col_scale, out, partial, partial_shift, n, k, 
         if ONE_TILE:
             p = tl.exp(x - subtract[:, None])
             if WRITE:
-                tl.store(out + rows[:, None] * k + col_lane[None, :], p, mask=ok)
+                tl.store(block_out + row_lane[:, None] * k + col_lane[None, :], p, mask=ok)
             else:
                 column_sums = column_sums * rescale + tl.sum(p, 0)
         else:  # second sweep: the row block was just read, from cache
             for k0 in range(0, k, BLOCK_K):
                 cols = k0 + col_lane
                 ok = row_ok[:, None] & (cols < k)[None, :]
-                p = tl.exp(_load_x(scores, col_scale, rows, cols, ok, k, stride_n, inv_epsilon) - subtract[:, None])
+                p = tl.exp(_load_x(block_scores, col_scale, row_lane, cols, ok, k, stride_n, inv_epsilon)
+                           - subtract[:, None])
                 if WRITE:
-                    tl.store(out + rows[:, None] * k + cols[None, :], p, mask=ok)
+                    tl.store(block_out + row_lane[:, None] * k + cols[None, :], p, mask=ok)
                 else:
                     sums = partial + pid * k + cols
                     tl.store(sums, tl.load(sums, mask=cols < k, other=0.0) * rescale + tl.sum(p, 0), mask=cols < k)

@@ -28,7 +28,7 @@ def _nearest(o, n_in, n_out):
 @triton.jit(do_not_specialize=["views", "hq", "wq", "hr", "wr", "ignore_index", "ph", "pw"])
 def _targets_kernel(query_boxes, ref_boxes, query_flip, ref_flip, query_rot90, out, views, hq, wq, hr, wr,
                     ignore_index, ph, pw, SCENIC: tl.constexpr, BLOCK: tl.constexpr):
-    view = tl.program_id(0)
+    view = tl.program_id(0).to(tl.int64)    # it multiplies hq * wq
     b = view // views
     lane = tl.arange(0, BLOCK)
     ok = lane < hq * wq
