@@ -245,7 +245,7 @@ def _matching(batch, na, nb, c, dtype):
         import loca_kernels as lk
         a = torch.randn(batch, na, c, dtype=dtype).requires_grad_()
         b = torch.randn(batch, nb, c, dtype=dtype).requires_grad_()
-        similarity, _ = lk.patch_matching(a, b, backend="triton")
+        _, similarity = lk.patch_matching(a, b, backend="triton")
         torch.autograd.grad(similarity.sum(), (a, b))
     return run
 
