@@ -23,6 +23,7 @@ import contextlib
 import io
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -293,15 +294,13 @@ def cases() -> dict:
         found[f"attention-bk{bk}-nq{nq}-d{d}-{str(dtype)[6:]}-{pattern}"] = (
             what, _attention(bk, 10, nq, 196, 39, 12, d, dtype, pattern))
     # bench_crop / GTSA (C 768: 14 x 14 globals to 10 x 10 and 4 x 4, 6 x 6 locals to 4 x 4);
-    # 32 x 32 and 64 x 64 maps (MAX_SIDE).
+    # 32 x 32 maps (MAX_SIDE).
     for views, side, regions, out, dtype, what in ((8, 14, 1, 10, fp32, "bench, GTSA global"),
                                                    (8, 14, 8, 4, fp32, "bench, GTSA teacher local"),
                                                    (32, 6, 2, 4, fp32, "bench, GTSA student local"),
                                                    (8, 14, 1, 10, bf16, "GTSA bf16"),
                                                    (4, 32, 2, 7, fp32, "32 x 32 maps"),
-                                                   (4, 32, 1, 32, fp32, "32 x 32 maps"),
-                                                   (4, 64, 2, 7, fp32, "64 x 64 maps (MAX_SIDE)"),
-                                                   (4, 64, 1, 64, fp32, "64 x 64 maps (MAX_SIDE)")):
+                                                   (4, 32, 1, 32, fp32, "32 x 32 maps")):
         found[f"crop-c768-{side}x{side}-r{regions}-out{out}-{str(dtype)[6:]}"] = (
             what, _crop(views, 768, side, regions, out, dtype))
     # bench_matching: DenseCL C5 (B 32, 49 x 49, C 2048), GTSA ViT-S (B 64, 196 x 196, C 384).
@@ -330,8 +329,11 @@ def triton_resources(names) -> list[Resources]:
             distinct.setdefault(launch.key(), launch)
             users.setdefault(launch.key(), []).append(name)
     rows = []
-    for key, launch in distinct.items():
+    for i, (key, launch) in enumerate(distinct.items()):
         row = compile_launch(launch)
+        print(f"gpu_resources: {i + 1}/{len(distinct)} {row.kernel} ({row.specialisation}): {row.warps} warps, "
+              f"{row.registers} registers, {row.spill_stores}/{row.spill_loads} B spilled, {row.stack} B stack, "
+              f"{row.shared} B shared", file=sys.stderr, flush=True)
         row.cases = ", ".join(dict.fromkeys(users[key]))
         rows.append(row)
     return rows
@@ -340,10 +342,16 @@ def triton_resources(names) -> list[Resources]:
 # --- CUDA -------------------------------------------------------------------------------------
 
 def _demangle(names: list[str]) -> dict:
-    done = subprocess.run(["cu++filt"], input="\n".join(names), capture_output=True, text=True)
-    if done.returncode != 0:
-        return {name: name for name in names}
-    return dict(zip(names, done.stdout.splitlines()))
+    """{mangled: demangled} by cu++filt (beside nvcc) or c++filt; the names as given without either."""
+    nvcc = shutil.which("nvcc")
+    tools = [shutil.which("cu++filt"), nvcc and os.path.join(os.path.dirname(os.path.realpath(nvcc)), "cu++filt"),
+             shutil.which("c++filt")]
+    for tool in filter(None, tools):
+        if os.path.exists(tool):
+            done = subprocess.run([tool], input="\n".join(names), capture_output=True, text=True)
+            if done.returncode == 0:
+                return dict(zip(names, done.stdout.splitlines()))
+    return {name: name for name in names}
 
 
 def _launch_threads(source: str) -> dict:
