@@ -76,12 +76,13 @@ def block_d(d: int) -> int:
 
 def launch_config(dtype: torch.dtype, d: int) -> dict:
     """Tiles and warps for the inputs' dtype and D. float32 dots run on the FMA units (IEEE)
-    with their operands in registers: 64 x 64 tiles spill at D 128 and need 213 KB of shared
-    memory at D 256 on sm_90 (benchmarks/results/gpu-resources.md), so float32 takes 32 queue
-    rows per step, 32 (D <= 128) or 16 query rows per program, and 8 warps from D 128."""
+    with their operands in registers: 64 x 64 tiles on 4 warps spilled at D 128 on sm_90 (an
+    8 KB stack, benchmarks/results/gpu-resources.md), so float32 takes 32 queue rows per step,
+    32 (D <= 128) or 16 query rows per program, and 8 warps from D 128. 16-bit inputs keep
+    64 x 64 tiles, on 8 warps at D 256 (on 4 they spilled)."""
     block = block_d(d)
     if dtype != torch.float32:
-        return dict(BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, BLOCK_D=block, num_warps=4)
+        return dict(BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, BLOCK_D=block, num_warps=8 if block >= 256 else 4)
     return dict(BLOCK_N=32 if block <= 128 else 16, BLOCK_K=32, BLOCK_D=block, num_warps=8 if block >= 128 else 4)
 
 
