@@ -383,7 +383,7 @@ def cuda_resources() -> list[Resources]:
         names = _demangle(list(report))
         threads = _launch_threads(source.read_text())
         for mangled, (registers, stores, loads, stack, static) in report.items():
-            full = names[mangled]
+            full = names[mangled].replace("(anonymous namespace)::", "")
             base = re.sub(r"^.*::", "", re.sub(r"[<(].*", "", full))
             block = threads.get(base)
             rows.append(Resources(f"{source.parent.name}.{base}", re.sub(r"^[^<]*", "", re.sub(r"\(.*", "", full)),
