@@ -198,6 +198,16 @@ def _block_m(nq: int) -> int:
     return min(64, max(16, triton.next_power_of_2(nq)))
 
 
+def _grad_kv_config(nq: int, d: int, dtype: torch.dtype) -> dict:
+    """Query block and warps of the dK/dV kernel: at D 128 its (64, D) query and grad_out tiles
+    took 255 registers and spilled on 4 warps (sm_90, benchmarks/results/gpu-resources.md);
+    32 query rows fit, on 8 warps for 16-bit inputs (171 registers), on 4 for float32 (180;
+    on 8 warps its FMA dots spilled)."""
+    if d >= 128:
+        return dict(BLOCK_M=min(32, _block_m(nq)), num_warps=4 if dtype == torch.float32 else 8)
+    return dict(BLOCK_M=_block_m(nq), num_warps=4)
+
+
 BLOCK_N = 32
 
 
@@ -233,10 +243,10 @@ def attention_backward_triton(grad_out: torch.Tensor, q: torch.Tensor, k: torch.
     grad_q = q.new_empty(q.shape)
     grad_k, grad_v = k.new_zeros(k.shape), v.new_zeros(v.shape)  # keys no view sees get 0
     block_m = _block_m(nq)
-    common = dict(D=d, BLOCK_M=block_m, BLOCK_N=BLOCK_N, IS_RUN=keep_is_run, DOT_FP32=DOT_IN_FP32)
+    common = dict(D=d, BLOCK_N=BLOCK_N, IS_RUN=keep_is_run, DOT_FP32=DOT_IN_FP32)
     _grad_q_kernel[(triton.cdiv(nq, block_m) * bq * heads,)](
         q, k, v, grad_out, grad_q, lse, delta, keep_index, keep_count, *_strides(q), *_strides(k), *_strides(v),
-        *_strides(grad_out), keep_index.stride(0), nq, heads, bk, keep_rows, scale, **common)
+        *_strides(grad_out), keep_index.stride(0), nq, heads, bk, keep_rows, scale, BLOCK_M=block_m, **common)
     shared = keep_rows != bq or bq == bk
     if shared:
         visible = keep_count  # not read by the SHARED kernel
@@ -247,5 +257,5 @@ def attention_backward_triton(grad_out: torch.Tensor, q: torch.Tensor, k: torch.
     _grad_kv_kernel[(key_blocks * bk * heads,)](
         q, k, v, grad_out, grad_k, grad_v, lse, delta, keep_index, keep_count, visible, *_strides(q), *_strides(k),
         *_strides(v), *_strides(grad_out), keep_index.stride(0), nq, nk, heads, bk, bq // bk, keep_rows, key_blocks,
-        scale, SHARED=shared, **common)
+        scale, SHARED=shared, **common, **_grad_kv_config(nq, d, q.dtype))
     return grad_q, grad_k, grad_v

@@ -83,6 +83,18 @@ def block_d(d: int) -> int:
     return max(16, triton.next_power_of_2(d))
 
 
+def launch_config(dtype: torch.dtype, d: int) -> dict:
+    """Tiles and warps for the inputs' dtype and D. float32 dots run on the FMA units (IEEE)
+    with their operands in registers: 64 x 64 tiles on 4 warps spilled at D 128 on sm_90 (an
+    8 KB stack, benchmarks/results/gpu-resources.md), so float32 takes 32 queue rows per step,
+    32 (D <= 128) or 16 query rows per program, and 8 warps from D 128. 16-bit inputs keep
+    64 x 64 tiles, on 8 warps at D 256 (on 4 they spilled)."""
+    block = block_d(d)
+    if dtype != torch.float32:
+        return dict(BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, BLOCK_D=block, num_warps=8 if block >= 256 else 4)
+    return dict(BLOCK_N=32 if block <= 128 else 16, BLOCK_K=32, BLOCK_D=block, num_warps=8 if block >= 128 else 4)
+
+
 @torch.library.custom_op("loca_kernels::queue_contrastive_forward_triton", mutates_args=())
 def queue_contrastive_forward_triton(query: torch.Tensor, positive: torch.Tensor, queue: torch.Tensor,
                                      inv_temperature: float, with_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -90,8 +102,8 @@ def queue_contrastive_forward_triton(query: torch.Tensor, positive: torch.Tensor
     n, d = query.shape
     loss = torch.empty(n, dtype=torch.float32, device=query.device)
     weighted = torch.empty(n if with_grad else 0, d, dtype=torch.float32, device=query.device)
-    _forward_kernel[(triton.cdiv(n, BLOCK_N),)](
+    config = launch_config(query.dtype, d)
+    _forward_kernel[(triton.cdiv(n, config["BLOCK_N"]),)](
         query, positive, queue, loss, weighted, n, queue.shape[0], d, *query.stride(), *positive.stride(),
-        *queue.stride(), inv_temperature, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, BLOCK_D=block_d(d),
-        WITH_GRAD=with_grad, DOT_FP32=DOT_IN_FP32)
+        *queue.stride(), inv_temperature, WITH_GRAD=with_grad, DOT_FP32=DOT_IN_FP32, **config)
     return loss, weighted

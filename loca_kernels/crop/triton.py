@@ -27,7 +27,8 @@ import triton.language as tl
 
 from .._triton_dot import input_precision
 
-MAX_SIDE = 64
+# 64 x 64 maps spilled on sm_90 even one channel at a time on 16 warps (gpu-resources.md).
+MAX_SIDE = 32
 _INTS = ["regions", "channels", "h", "w", "oh", "ow", "sampling_ratio"]
 
 
@@ -158,10 +159,17 @@ def _backward_kernel(grad_out, view_boxes, regions_ptr, view_flip, view_rot90, g
 
 
 def block_sizes(h: int, w: int, oh: int, ow: int) -> dict:
-    """Register tile sides (tl.dot needs at least 16) and the channel block."""
-    bw = max(16, triton.next_power_of_2(w))
-    return {"BA": max(16, triton.next_power_of_2(max(oh, ow))), "BB": max(16, triton.next_power_of_2(max(oh, ow))),
-            "BH": max(16, triton.next_power_of_2(h)), "BW": bw, "BLOCK_C": max(1, 256 // bw)}
+    """Register tile sides (tl.dot needs at least 16) and the channel block: the map block
+    (BH, BLOCK_C * BW) holds at most 4096 elements (8192 at 32 x 32 maps spilled on sm_90:
+    benchmarks/results/gpu-resources.md)."""
+    bh, bw = max(16, triton.next_power_of_2(h)), max(16, triton.next_power_of_2(w))
+    side = max(16, triton.next_power_of_2(max(oh, ow)))
+    return {"BA": side, "BB": side, "BH": bh, "BW": bw, "BLOCK_C": max(1, 4096 // (bh * bw))}
+
+
+def num_warps(blocks: dict) -> int:
+    """8 warps from 32 x 32 maps: on 4 warps the backward spilled there (sm_90)."""
+    return 8 if blocks["BH"] * blocks["BW"] >= 1024 else 4
 
 
 # Correctly rounded float32 arithmetic as the reference: no fused multiply-add. No integer
@@ -185,7 +193,8 @@ def crop_features_triton(features: torch.Tensor, view_boxes: torch.Tensor, regio
     blocks = block_sizes(h, w, oh, ow)
     grid = (views * nreg, triton.cdiv(channels, blocks["BLOCK_C"]))
     _forward_kernel[grid](features.contiguous(), *_small(view_boxes, regions, view_flip, view_rot90), out, nreg,
-                          channels, h, w, oh, ow, sampling_ratio, **blocks, **COMPILE_OPTIONS)
+                          channels, h, w, oh, ow, sampling_ratio, **blocks,
+                          num_warps=num_warps(blocks), **COMPILE_OPTIONS)
     return out
 
 
@@ -202,5 +211,6 @@ def crop_features_backward_triton(grad_out: torch.Tensor, view_boxes: torch.Tens
     blocks = block_sizes(h, w, oh, ow)
     grid = (views, triton.cdiv(channels, blocks["BLOCK_C"]))
     _backward_kernel[grid](grad_out.contiguous(), *_small(view_boxes, regions, view_flip, view_rot90), grad, nreg,
-                           channels, h, w, oh, ow, sampling_ratio, **blocks, **COMPILE_OPTIONS)
+                           channels, h, w, oh, ow, sampling_ratio, **blocks,
+                           num_warps=num_warps(blocks), **COMPILE_OPTIONS)
     return grad

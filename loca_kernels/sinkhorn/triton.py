@@ -38,7 +38,8 @@ def _row_nan(x, ok):
     return tl.sum(tl.where(ok, x * 0.0, 0.0), 1)
 
 
-@triton.jit(do_not_specialize=["n", "k", "stride_n", "blocks_per_program"])
+# k and stride_n stay specialised: their divisibility by 16 is what lets Triton load 4 floats at once.
+@triton.jit(do_not_specialize=["n", "blocks_per_program"])
 def _sinkhorn_pass_kernel(scores, col_scale, out, partial, partial_shift, n, k, stride_n, inv_epsilon,
                           blocks_per_program, NORMALIZE: tl.constexpr, WRITE: tl.constexpr,
                           BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ONE_TILE: tl.constexpr):
@@ -125,6 +126,12 @@ def _launch_shape(n: int, k: int, device: torch.device) -> tuple[int, int, int, 
     return block_n, block_k, triton.cdiv(row_blocks, per_program), per_program
 
 
+def _warps(tile: int) -> int:
+    """A tile of 8192 float32 on 4 warps (64 per thread, kept for both sweeps) spilled on sm_90;
+    on 8 warps it fits (benchmarks/results/gpu-resources.md)."""
+    return 8 if tile >= 4096 else 4
+
+
 @torch.library.custom_op("loca_kernels::sinkhorn_pass_triton", mutates_args=())
 def sinkhorn_pass_triton(scores: torch.Tensor, col_scale: torch.Tensor, inv_epsilon: float, normalize_rows: bool,
                          write: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -137,7 +144,8 @@ def sinkhorn_pass_triton(scores: torch.Tensor, col_scale: torch.Tensor, inv_epsi
     partial_shift = torch.empty(programs, dtype=torch.float32, device=scores.device)
     _sinkhorn_pass_kernel[(programs,)](scores, cols, out, partial, partial_shift, n, k, scores.stride(0),
                                        inv_epsilon, per_program, NORMALIZE=normalize_rows, WRITE=write,
-                                       BLOCK_N=block_n, BLOCK_K=block_k, ONE_TILE=block_k >= k)
+                                       BLOCK_N=block_n, BLOCK_K=block_k, ONE_TILE=block_k >= k,
+                                       num_warps=_warps(block_n * block_k))
     if write:
         return out, torch.zeros((), dtype=torch.float32, device=scores.device)
     shift = partial_shift.max()
