@@ -164,14 +164,12 @@ stage backends python -c "import json, loca_kernels; print(json.dumps(loca_kerne
 
 # Tests: every case parametrized on a CUDA backend or device, or on Triton (ids "cuda-cuda",
 # "triton-cuda", "torch-cuda", tests named for CUDA or Triton) and test_timm (timm is there):
-# the kernels' modules first, then the other modules. No -x: one failure must not hide the rest.
+# the kernels' modules first (then compute-sanitizer on the CUDA kernels), then the other
+# modules. No -x: one failure must not hide the rest.
 tests=(python -m pytest -q -p no:cacheprovider -rs --durations=10)
 [ "$REHEARSAL" = 1 ] && tests+=(--collect-only)        # the GPU cases skip on a CPU: collect them
 # shellcheck disable=SC2086  # KERNEL_TESTS is a list of paths
 stage tests-kernels "${tests[@]}" $KERNEL_TESTS -k "cuda or triton" --junitxml="$LOGS/tests-kernels.xml"
-# shellcheck disable=SC2086
-stage tests-rest "${tests[@]}" tests/ $(printf -- '--ignore=%s ' $KERNEL_TESTS) -k "cuda or triton or timm" \
-  --junitxml="$LOGS/tests-rest.xml"
 
 if [ "$REHEARSAL" = 1 ] || ! command -v compute-sanitizer >/dev/null; then
   skipped memcheck "no GPU or no compute-sanitizer"
@@ -183,6 +181,10 @@ else
     compute-sanitizer --tool memcheck --error-exitcode 1 python benchmarks/sanitize_cuda.py
   stage racecheck compute-sanitizer --tool racecheck --error-exitcode 1 python benchmarks/sanitize_cuda.py
 fi
+
+# shellcheck disable=SC2086
+stage tests-rest "${tests[@]}" tests/ $(printf -- '--ignore=%s ' $KERNEL_TESTS) -k "cuda or triton or timm" \
+  --junitxml="$LOGS/tests-rest.xml"
 
 # Benchmarks at the full sizes (those the GPU goals are about; the rehearsal's at the quick
 # ones), fewer rounds than --full's 20. Ours first, then the peers, the compile-heavy peers
