@@ -109,17 +109,20 @@ def synchronize() -> None:
         torch.cuda.synchronize()
 
 
-def run_benchmark(benchmark, fn, *, bytes_moved: float = 0.0, flops: float = 0.0, **info):
+def run_benchmark(benchmark, fn, *, bytes_moved: float = 0.0, flops: float = 0.0, warmed_up: bool = False,
+                  **info):
     """Time `fn` (synchronised) and record GB/s, TFLOP/s and the bandwidth-floor fraction.
 
     bytes_moved: the minimum bytes a perfect kernel reads and writes (the floor).
+    warmed_up: `fn` has run already (compiled, autotuned): no extra untimed call first.
     """
     def timed():
         result = fn()
         synchronize()
         return result
 
-    timed()  # warm-up: compilation and autotuning are not timed
+    if not warmed_up:
+        timed()  # warm-up: compilation and autotuning are not timed
     rounds = int(os.environ.get("LOCA_BENCH_ROUNDS") or sizes(quick=5, full=20))
     try:
         result = benchmark.pedantic(timed, rounds=rounds, iterations=1, warmup_rounds=sizes(quick=1, full=2))
