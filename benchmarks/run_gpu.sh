@@ -125,28 +125,36 @@ print(json.dumps(info))
 EOF
 
 # xformers, a peer the machine's image lacks: the wheel brought along (--prepare), installed
-# beside the image's torch without its dependencies; whether it imports and runs there is the
-# stage's result (its log's last line).
+# beside the image's torch without its dependencies. Whether it imports and runs there is the
+# last line of its log (in the summary); it is benchmarked only where it runs, and a wheel that
+# does not fit that torch fails no stage.
 wheel=$(ls benchmarks/wheels/xformers-*.whl 2>/dev/null | head -n 1)
 if [ -z "$wheel" ]; then
   skipped xformers "no wheel in benchmarks/wheels (run --prepare)"
 else
   stage xformers bash -c '
     python -m pip install -q --no-deps --no-index --no-compile --target "$1" "$2" || exit 1
-    PYTHONPATH="$1${PYTHONPATH:+:$PYTHONPATH}" python -c "
-import torch, xformers, xformers.ops as xops
-line = f\"xformers {xformers.__version__} imports beside torch {torch.__version__}\"
-if torch.cuda.is_available():
-    q, k, v = (torch.randn(2, 77, 4, 64, device=\"cuda\", dtype=torch.float16) for _ in range(3))
+    PYTHONPATH="$1${PYTHONPATH:+:$PYTHONPATH}" python - "$1" <<"EOF"
+import pathlib, sys
+try:
+    import torch, xformers, xformers.ops as xops
+except Exception as error:  # noqa: BLE001
+    sys.exit(print(f"xformers does not import: {type(error).__name__}: {error}"))
+line = f"xformers {xformers.__version__} imports beside torch {torch.__version__}"
+if not torch.cuda.is_available():
+    sys.exit(print(line + " (no GPU: not run)"))
+try:
+    q, k, v = (torch.randn(2, 77, 4, 64, device="cuda", dtype=torch.float16) for _ in range(3))
     out = xops.memory_efficient_attention(q, k, v)
-    ref = torch.nn.functional.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v))).transpose(1, 2)
-    error = (out - ref).abs().max().item()
-    assert error < 1e-2, f\"memory_efficient_attention differs from SDPA by {error}\"
-    line += f\" and runs memory_efficient_attention (max difference to SDPA {error:.1e})\"
-else:
-    line += \" (no GPU: not run)\"
-print(line)"' xformers "$WORK/xformers" "$wheel" \
-    && export PYTHONPATH="$WORK/xformers${PYTHONPATH:+:$PYTHONPATH}"
+    ref = torch.nn.functional.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v)))
+    error = (out - ref.transpose(1, 2)).abs().max().item()
+    assert error < 1e-2, f"memory_efficient_attention differs from SDPA by {error}"
+except Exception as error:  # noqa: BLE001
+    sys.exit(print(f"{line} but does not run: {type(error).__name__}: {error}"))
+(pathlib.Path(sys.argv[1]) / "RUNS").touch()
+print(f"{line} and runs memory_efficient_attention (max difference to SDPA {error:.1e})")
+EOF' xformers "$WORK/xformers" "$wheel"
+  [ -e "$WORK/xformers/RUNS" ] && export PYTHONPATH="$WORK/xformers${PYTHONPATH:+:$PYTHONPATH}"
 fi
 
 if [ "$REHEARSAL" = 1 ]; then
