@@ -8,9 +8,9 @@ training). Each implementation gets a fresh student and teacher from the same se
 Presets: on the CPU, small batches to keep the run short: the tiny preset at a batch of 4 and
 vit_s16 at a batch of 2 (--full; the quick default runs the tiny preset alone); on a GPU,
 vit_s16 and vit_b16 at the official per-GPU batch of 64 (the recipe's 1024 = 16 processes x 64,
-config.py). extra_info records
-images per second (batch / median step time) and, as peak_memory_bytes, the memory one step
-adds at its peak (allocated device memory on a GPU; the resident set's growth on the CPU).
+config.py). extra_info records images per second (batch / median step time) and, as
+peak_memory_bytes, the memory one step adds at its peak (allocated device memory on a GPU; the
+resident set's growth on the CPU).
 """
 import dataclasses
 from contextlib import nullcontext
