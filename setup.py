@@ -9,8 +9,9 @@ Environment:
   CUDA_HOME (or CUDA_PATH)     the CUDA toolkit to build with: its bin/nvcc and libraries, as
                                torch.utils.cpp_extension uses it (default: the nvcc on PATH)
   LOCA_KERNELS_CMAKE_ARGS      extra CMake configure arguments, split like a shell command line,
-                               e.g. "-DCUDA_nvrtc_LIBRARY=/path/to/libnvrtc.so.13" for a toolkit
-                               without nvrtc (benchmarks/check_cuda_build.sh passes torch's own)
+                               e.g. "-DCUDA_nvrtc_LIBRARY=/path/to/libnvrtc.so.13" to override the
+                               library CMakeLists.txt takes from torch's CUDA wheel (site-packages/
+                               nvidia/*/lib) for each one the toolkit lacks
 """
 import os
 import shlex

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import loca_kernels as lk
-from conftest import DEVICE, ON_GPU, run_benchmark, sizes
+from conftest import DEVICE, ON_GPU, device_generator, run_benchmark, sizes
 
 VIEWS, NQ, NK, VISIBLE, D = 10, 36, 196, 39, 64
 BATCHES = sizes(quick=(2,), full=(32, 128, 256) if ON_GPU else (4,))
@@ -85,9 +85,9 @@ def make_peer(name, q, k, v, keep_index):
 
 
 def inputs(bk, pattern):
-    g = torch.Generator().manual_seed(0)
-    q = torch.randn(VIEWS * bk, NQ, HEADS, D, generator=g).to(DEVICE, DTYPE)
-    kv = torch.randn(bk, NK, 2, HEADS, D, generator=g).to(DEVICE, DTYPE)
+    g, values = torch.Generator().manual_seed(0), device_generator(0)
+    q = torch.randn(VIEWS * bk, NQ, HEADS, D, generator=values, device=DEVICE).to(DTYPE)
+    kv = torch.randn(bk, NK, 2, HEADS, D, generator=values, device=DEVICE).to(DTYPE)
     if pattern == "run":
         keep = lk.consecutive_keep(1, NK, VISIBLE, generator=g, device=DEVICE)
     else:

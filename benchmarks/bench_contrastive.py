@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import loca_kernels as lk
-from conftest import DEVICE, ON_GPU, measure_peak_memory, run_benchmark, sizes
+from conftest import DEVICE, ON_GPU, device_generator, measure_peak_memory, run_benchmark, sizes
 
 D, TEMPERATURE = 128, 0.2
 K = sizes(quick=16384, full=65536)
@@ -34,10 +34,10 @@ def densecl_head(query, positive, queue_buffer):
 @pytest.mark.parametrize("impl", OURS + tuple(PEERS))
 def test_queue_contrastive(benchmark, impl, n):
     benchmark.group = f"queue_contrastive N={n} K={K} D={D} fp32"
-    g = torch.Generator().manual_seed(0)
-    query = F.normalize(torch.randn(n, D, generator=g), dim=1).to(DEVICE).requires_grad_()
-    positive = F.normalize(torch.randn(n, D, generator=g), dim=1).to(DEVICE).requires_grad_()
-    buffer = F.normalize(torch.randn(D, K, generator=g), dim=0).to(DEVICE)
+    g = device_generator(0)
+    query = F.normalize(torch.randn(n, D, generator=g, device=DEVICE), dim=1).requires_grad_()
+    positive = F.normalize(torch.randn(n, D, generator=g, device=DEVICE), dim=1).requires_grad_()
+    buffer = F.normalize(torch.randn(D, K, generator=g, device=DEVICE), dim=0)
     if impl == "eager":
         head = densecl_head
     elif impl == "compiled":

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 import loca_kernels as lk
-from conftest import DEVICE, ON_GPU, run_benchmark, sizes
+from conftest import DEVICE, ON_GPU, device_generator, run_benchmark, sizes
 from loca_kernels import geometry
 
 BATCHES = sizes(quick=(4,), full=(64,))
@@ -120,9 +120,9 @@ def make_step(batch: int):
     """Teacher maps (2 x (B, C, 14, 14)), student maps (2 x (B, C, 14, 14), 8 x (B, C, 6, 6),
     requiring grad), view boxes and turns of one GTSA step."""
     boxes, turns = (t.to(DEVICE) for t in gtsa_views(batch))
-    gen = torch.Generator().manual_seed(1)
-    teacher = [torch.randn(batch, CHANNELS, 14, 14, generator=gen).to(DEVICE) for _ in range(GLOBALS)]
-    students = [torch.randn(batch, CHANNELS, side, side, generator=gen).to(DEVICE).requires_grad_()
+    gen = device_generator(1)
+    teacher = [torch.randn(batch, CHANNELS, 14, 14, generator=gen, device=DEVICE) for _ in range(GLOBALS)]
+    students = [torch.randn(batch, CHANNELS, side, side, generator=gen, device=DEVICE).requires_grad_()
                 for side in [14] * GLOBALS + [6] * LOCALS]
     return teacher, students, boxes, turns
 

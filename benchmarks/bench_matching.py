@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import loca_kernels as lk
-from conftest import DEVICE, ON_GPU, run_benchmark, sizes
+from conftest import DEVICE, ON_GPU, device_generator, run_benchmark, sizes
 
 # name: (B, Na, Nb, C); B of one GPU with --full on a GPU
 SHAPES = {"densecl": (32, 49, 49, 2048), "gtsa": (64, 196, 196, 384)}
@@ -34,9 +34,9 @@ def test_matching(benchmark, impl, shape):
     batch, na, nb, c = SHAPES[shape]
     batch = BATCH or batch
     benchmark.group = f"matching {shape} B={batch} Na={na} Nb={nb} C={c}"
-    g = torch.Generator().manual_seed(0)
-    a = torch.randn(batch, na, c, generator=g).to(DEVICE, DTYPE).requires_grad_()
-    b = torch.randn(batch, nb, c, generator=g).to(DEVICE, DTYPE).requires_grad_()
+    g = device_generator(0)
+    a = torch.randn(batch, na, c, generator=g, device=DEVICE).to(DTYPE).requires_grad_()
+    b = torch.randn(batch, nb, c, generator=g, device=DEVICE).to(DTYPE).requires_grad_()
 
     def call():
         index, similarity = eager(a, b) if impl == "eager" else lk.patch_matching(a, b, backend=impl)

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import loca_kernels as lk
-from conftest import DEVICE, ON_GPU, measure_peak_memory, run_benchmark, sizes
+from conftest import DEVICE, ON_GPU, device_generator, measure_peak_memory, run_benchmark, sizes
 
 K = 4096
 SIZES = sizes(quick=(16 * 196,), full=(64 * 196, 256 * 196))
@@ -47,7 +47,7 @@ def eager_swav(scores):
 @pytest.mark.parametrize("impl", OURS + tuple(PEERS))
 def test_sinkhorn(benchmark, impl, mode, n, dtype):
     benchmark.group = f"sinkhorn {mode} N={n} {str(dtype)[6:]}"
-    scores = (torch.randn(n, K, generator=torch.Generator().manual_seed(0)) * 0.1).to(DEVICE, dtype)
+    scores = (torch.randn(n, K, generator=device_generator(0), device=DEVICE) * 0.1).to(dtype)
     if impl == "eager":
         fn = (lambda: eager_loca(scores)) if mode == "loca" else (lambda: eager_swav(scores))
     else:

@@ -6,8 +6,11 @@ Run: pytest benchmarks/ --benchmark-only [--full] [--benchmark-json=out.json]
 By default every bench file runs at its quick sizes, 5 timed rounds per case (the whole CPU run
 in a few minutes); --full (or LOCA_BENCH_FULL=1) runs the full sizes, 20 rounds: those of the
 committed results, and of GPU runs. Each bench file states both sizes in one place, through
-`sizes`. LOCA_BENCH_ROUNDS=n sets the rounds. A run stopped by SIGTERM (`timeout`, `kill`) ends
-as one stopped by Ctrl-C does: with the table of what finished, and the JSON.
+`sizes`. LOCA_BENCH_ROUNDS=n sets the rounds. LOCA_BENCH_IMPLS=ours|peers|compiled (or several,
+comma-separated) runs only our implementations, only the peers that compile nothing, or only the
+compile-heavy peers (FlexAttention, torch.compile): run_gpu.sh runs them in that order. A run
+stopped by SIGTERM (`timeout`, `kill`) ends as one stopped by Ctrl-C does: with the table of what
+finished, and the JSON.
 """
 from __future__ import annotations
 
@@ -19,6 +22,7 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
+from report import OURS  # noqa: E402  (benchmarks/ is on the path from here on)
 
 # Peak DRAM bandwidth (bytes/s) per device name, from what we measured with a device copy
 # (see BENCHMARKS.md); used only to report the fraction of the bandwidth floor.
@@ -29,6 +33,8 @@ ON_GPU = DEVICE.type == "cuda"
 FULL_ENV = "LOCA_BENCH_FULL"
 _SAVED_FULL_ENV = pytest.StashKey[str | None]()
 _SAVED_SIGTERM = pytest.StashKey[object]()
+IMPLS_ENV = "LOCA_BENCH_IMPLS"
+COMPILED_PEERS = ("flex", "compiled")
 
 
 def pytest_addoption(parser):
@@ -60,6 +66,24 @@ def pytest_unconfigure(config):
         os.environ[FULL_ENV] = saved
 
 
+def impl_kind(impl) -> str:
+    """"ours", "compiled" (a peer whose setup compiles: FlexAttention, torch.compile) or "peers"."""
+    return "ours" if impl in OURS else "compiled" if impl in COMPILED_PEERS else "peers"
+
+
+def pytest_collection_modifyitems(config, items):
+    wanted = os.environ.get(IMPLS_ENV)
+    if not wanted:
+        return
+    kinds = set(wanted.split(","))
+    if not kinds <= {"ours", "peers", "compiled"}:
+        raise pytest.UsageError(f"{IMPLS_ENV}={wanted}: expected ours, peers or compiled, comma-separated")
+    chosen = [item for item in items if impl_kind(getattr(item, "callspec", None) and
+                                                  item.callspec.params.get("impl")) in kinds]
+    config.hook.pytest_deselected(items=[item for item in items if item not in chosen])
+    items[:] = chosen
+
+
 def _interrupt(signum, frame):
     raise KeyboardInterrupt(f"signal {signum}")
 
@@ -74,22 +98,31 @@ def sizes(*, quick, full):
     return full if full_run() else quick
 
 
+def device_generator(seed: int) -> torch.Generator:
+    """A generator on DEVICE seeded with `seed`: inputs drawn with it are made where they are used
+    (a GPU fills gigabytes in milliseconds where the CPU takes seconds, then a copy)."""
+    return torch.Generator(device=DEVICE).manual_seed(seed)
+
+
 def synchronize() -> None:
     if ON_GPU:
         torch.cuda.synchronize()
 
 
-def run_benchmark(benchmark, fn, *, bytes_moved: float = 0.0, flops: float = 0.0, **info):
+def run_benchmark(benchmark, fn, *, bytes_moved: float = 0.0, flops: float = 0.0, warmed_up: bool = False,
+                  **info):
     """Time `fn` (synchronised) and record GB/s, TFLOP/s and the bandwidth-floor fraction.
 
     bytes_moved: the minimum bytes a perfect kernel reads and writes (the floor).
+    warmed_up: `fn` has run already (compiled, autotuned): no extra untimed call first.
     """
     def timed():
         result = fn()
         synchronize()
         return result
 
-    timed()  # warm-up: compilation and autotuning are not timed
+    if not warmed_up:
+        timed()  # warm-up: compilation and autotuning are not timed
     rounds = int(os.environ.get("LOCA_BENCH_ROUNDS") or sizes(quick=5, full=20))
     try:
         result = benchmark.pedantic(timed, rounds=rounds, iterations=1, warmup_rounds=sizes(quick=1, full=2))

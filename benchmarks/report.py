@@ -25,11 +25,13 @@ OURS_DESCRIPTIONS = {
     "cpu": "ours: loca_kernels' C++ CPU kernel (OpenMP, the widest ISA the machine has)",
     "cuda": "ours: loca_kernels' CUDA kernel",
     "triton": "ours: loca_kernels' Triton kernel",
+    "kernels": "ours: loca_kernels' ops on their default backend for the device (backend=None: the C++ "
+               "kernels on the CPU; CUDA, else Triton, on a GPU)",
 }
 OURS = tuple(OURS_DESCRIPTIONS)
 # extra_info fields that are measurements or labels, not the shape of the problem.
 MEASURED = ("impl", "device", "GB_per_s", "TFLOP_per_s", "bandwidth_floor_fraction", "peak_memory_bytes",
-            "sdpa_note")
+            "images_per_s", "sdpa_note")
 
 
 def load(paths):
@@ -83,12 +85,13 @@ def best_ours(rows):
 
 
 def table(rows) -> list[str]:
-    """Markdown table of one group; the GB/s, bandwidth-floor and memory columns only where some
-    row has them (the bandwidth floor needs a measured peak, which only the GPUs have)."""
+    """Markdown table of one group; the GB/s, bandwidth-floor, images/s and memory columns only
+    where some row has them (the bandwidth floor needs a measured peak, which only the GPUs have)."""
     rows = sorted(rows, key=lambda b: b["stats"]["median"])
     best = best_ours(rows)
     columns = [("GB/s", "GB_per_s", lambda v: f"{v:.2f}"),
                ("bandwidth-floor fraction", "bandwidth_floor_fraction", lambda v: f"{v:.1%}"),
+               ("images/s", "images_per_s", lambda v: f"{v:.1f}"),
                ("peak memory (MB)", "peak_memory_bytes", lambda v: f"{v / 2**20:.0f}")]
     columns = [c for c in columns if any(b["extra_info"].get(c[1]) for b in rows)]
     lines = ["| implementation | median (ms) | time / best of ours |" + "".join(f" {c[0]} |" for c in columns),
