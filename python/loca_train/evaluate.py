@@ -63,6 +63,7 @@ class EvalSplit:
     test: List[int]
     description: str
     class_names: Optional[tuple] = None     # None: class k is called "k"
+    validation: List[int] = field(default_factory=list)   # tuning (thresholds); empty: the probe's images
 
 
 def procedural_split(cfg: Config, probe_images: int = PROBE_IMAGES, test_images: int = TEST_IMAGES) -> EvalSplit:
@@ -347,7 +348,9 @@ def _scenes_and_features(split: EvalSplit, indices, sources, cfg, device, batch_
         scenes = [split.dataset.scene(i) for i in chunk]
         x = torch.stack([network_input(scene[0], cfg) for scene in scenes]).to(device)
         with torch.no_grad(), _threads(threads):
-            features = {name: fn(x).float().cpu() for name, fn in sources.items()}
+            # The ideal control (controls.TruthFeatures) is made from the scenes' ground truth.
+            features = {name: (fn(scenes, (cfg.image_size // cfg.patch_size,) * 2) if getattr(fn, "needs_truth", False)
+                               else fn(x)).float().cpu() for name, fn in sources.items()}
         bar.advance(len(chunk), what)
         for k, scene in enumerate(scenes):
             yield scene, {name: f[k] for name, f in features.items()}

@@ -1,0 +1,273 @@
+"""The evaluation's scores with their controls, a validation split and bootstrap intervals
+(docs/EVALUATION.md, "Scores with controls and intervals").
+
+Per feature source (the encoders and the controls of controls.py), on a split with probe,
+validation and test images:
+
+- prompt segmentation, for two targets: the prompted object ("object") and every instance
+  of its class in the image ("class"). Per object: the similarity map's Jaccard at the
+  threshold chosen on the validation images over THRESHOLD_GRID (the whole cosine range),
+  its ROC AUC over the pixels (threshold-free), and its best Jaccard over every threshold
+  (MMC's threshold given with the prompt);
+- intra/inter-region similarity of the patch pairs of one image: mean cosines and the
+  probability that a same-region pair is more similar than a two-region pair (AUC),
+  with the background as a region, without it (object patches only), and at matched
+  distances (only pairs the same grid distance apart are compared);
+- the linear probe's mIoU (evaluate.train_probe) trained on the probe images.
+
+Every score is kept per test image as additive rows so that stats.Bootstrap gives its interval.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional
+
+import torch
+
+from .evaluate import (IGNORE_LABEL, Progress, _scenes_and_features, _threads, confusion_matrix, cosine_matrix,
+                       patch_majority, prompt_patch, train_probe, upsample)
+from .stats import Bootstrap, summarise
+
+# Thresholds searched on the validation images: the whole cosine range in steps of 0.025.
+THRESHOLD_GRID = torch.linspace(-1, 1, 81)
+TARGETS = ("object", "class")
+# Sources the networks are compared with (paired differences).
+REFERENCES = ("random_init", "raw_pixels", "noise", "position", "colour", "ideal")
+KINDS = {**{f"prompt_{t}_{m}": "ratio" for t in TARGETS for m in ("jaccard", "auroc", "best_jaccard")},
+         **{f"similarity_{m}": "ratio" for m in ("same", "different", "auc", "same_objects", "different_objects",
+                                                  "auc_objects", "auc_matched_distance")},
+         "probe_miou": "mean_iou"}
+
+
+# ------------------------------------------------------------------ ranks
+
+def grouped_mann_whitney(values: torch.Tensor, positive: torch.Tensor, groups: torch.Tensor, num_groups: int):
+    """Within each group, U = the number of (positive, negative) pairs whose positive is larger
+    (ties count one half), and the number of such pairs: two (num_groups,) float64 tensors."""
+    values, groups = values.double().flatten(), groups.long().flatten()
+    positive = positive.flatten()
+    order = torch.sort(values, stable=True).indices
+    order = order[torch.sort(groups[order], stable=True).indices]                 # by group, then value
+    v, g, p = values[order], groups[order], positive[order]
+    change = torch.ones(len(v), dtype=torch.bool)
+    change[1:] = (v[1:] != v[:-1]) | (g[1:] != g[:-1])
+    run = change.cumsum(0) - 1
+    position = torch.arange(len(v), dtype=torch.float64)
+    first = torch.zeros(int(run[-1]) + 1 if len(v) else 0, dtype=torch.float64).scatter_reduce_(
+        0, run, position, "amin", include_self=False)
+    last = torch.zeros_like(first).scatter_reduce_(0, run, position, "amax", include_self=False)
+    rank = (first[run] + last[run]) / 2                                             # 0-based mid-rank
+    group_start = torch.zeros(num_groups, dtype=torch.float64).scatter_reduce_(
+        0, g, position, "amin", include_self=False)
+    rank = rank - group_start[g] + 1                                                # 1-based within group
+    n_pos = torch.zeros(num_groups, dtype=torch.float64).index_add_(0, g, p.double())
+    n_all = torch.bincount(g, minlength=num_groups).double()
+    rank_sum = torch.zeros(num_groups, dtype=torch.float64).index_add_(0, g, rank * p)
+    return rank_sum - n_pos * (n_pos + 1) / 2, n_pos * (n_all - n_pos)
+
+
+# ------------------------------------------------------------------ per image
+
+def jaccard_curves(maps: torch.Tensor, truth: torch.Tensor, thresholds: torch.Tensor = THRESHOLD_GRID):
+    """maps (n, P), truth (n, P) bool over the counted pixels -> (Jaccard at each threshold
+    (n, T): the mask is map > t; the best Jaccard over every threshold (n,))."""
+    ordered, order = maps.double().sort(1, descending=True)
+    hits = truth.gather(1, order).double().cumsum(1)                                   # TP of the top k
+    size = torch.arange(1, maps.shape[1] + 1, dtype=torch.float64)
+    total = truth.sum(1, keepdim=True).double()
+    jaccard = hits / (size + total - hits)
+    cut = torch.ones_like(truth)
+    cut[:, :-1] = ordered[:, :-1] != ordered[:, 1:]                                     # no cut inside ties
+    best = torch.where(cut, jaccard, 0).amax(1)
+    ascending = ordered.flip(1).contiguous()
+    levels = thresholds.double()[None].expand(len(maps), -1).contiguous()
+    above = maps.shape[1] - torch.searchsorted(ascending, levels, right=True)           # (n, T) pixels > t
+    tp = torch.where(above > 0, hits.gather(1, (above - 1).clamp_min(0)), 0)
+    curves = tp / (above + total - tp)
+    return curves, best
+
+
+def prompt_scores(features: torch.Tensor, instances: torch.Tensor, classes: torch.Tensor,
+                  thresholds: torch.Tensor = THRESHOLD_GRID) -> dict:
+    """Per target: (curves (n, T), auroc (n,), best (n,), maps (n, h, w), prompts [(id, patch)])
+    of every object of one image with a patch centre inside."""
+    grid = features.shape[:2]
+    instances, classes = instances.long(), classes.long()
+    cosine = cosine_matrix(features)
+    prompts = [(i, p) for i in instances.unique().tolist() if i not in (0, IGNORE_LABEL)
+               for p in [prompt_patch(instances == i, grid)] if p is not None]
+    out = {}
+    if not prompts:
+        return out
+    maps = upsample(cosine[[p for _, p in prompts]].view(-1, *grid), instances.shape)    # (n, h, w)
+    for target in TARGETS:
+        if target == "object":
+            truth = torch.stack([instances == i for i, _ in prompts])
+            counted = instances != IGNORE_LABEL
+        else:
+            truth = torch.stack([classes == classes[instances == i].mode().values for i, _ in prompts])
+            counted = (classes != IGNORE_LABEL) & (instances != IGNORE_LABEL)
+        m, t = maps[:, counted], truth[:, counted]
+        curves, best = jaccard_curves(m, t, thresholds)
+        rows = torch.arange(len(prompts))[:, None].expand_as(m)
+        u, pairs = grouped_mann_whitney(m, t, rows, len(prompts))
+        out[target] = (curves, u / pairs, best, maps, prompts)
+    return out
+
+
+def pair_scores(features: torch.Tensor, instances: torch.Tensor) -> Dict[str, torch.Tensor]:
+    """The similarity rows (sum, count) of one image: mean cosine of same- and two-region pairs
+    and the within-image AUC (U, pairs), with the background, over objects only, and at matched
+    distances (pairs compared only with pairs as far apart on the grid)."""
+    gh, gw = features.shape[:2]
+    regions = patch_majority(instances, (gh, gw)).flatten()
+    cosine = cosine_matrix(features)
+    i, j = torch.triu_indices(len(regions), len(regions), offset=1)
+    counted = (regions[i] != IGNORE_LABEL) & (regions[j] != IGNORE_LABEL)
+    i, j = i[counted], j[counted]
+    same, values = regions[i] == regions[j], cosine[i, j].double()
+    objects = (regions[i] != 0) & (regions[j] != 0)
+    distance = (i // gw - j // gw) ** 2 + (i % gw - j % gw) ** 2
+    rows = {}
+    for suffix, kept in (("", torch.ones_like(same)), ("_objects", objects)):
+        s, v = same[kept], values[kept]
+        rows[f"similarity_same{suffix}"] = torch.stack([v[s].sum(), s.sum().double()])
+        rows[f"similarity_different{suffix}"] = torch.stack([v[~s].sum(), (~s).sum().double()])
+        u, pairs = grouped_mann_whitney(v, s, torch.zeros_like(v, dtype=torch.long), 1)
+        rows[f"similarity_auc{suffix}"] = torch.stack([u[0], pairs[0]])
+    u, pairs = grouped_mann_whitney(values, same, distance, int(distance.max()) + 1 if len(distance) else 1)
+    rows["similarity_auc_matched_distance"] = torch.stack([u.sum(), pairs.sum()])
+    return rows
+
+
+# ------------------------------------------------------------------ the evaluation
+
+@dataclass
+class Measurement:
+    """Per source: per-test-image rows of every metric, the thresholds chosen on validation,
+    and the data of the figure's examples."""
+
+    per_image: Dict[str, Dict[str, torch.Tensor]]
+    thresholds: Dict[str, Dict[str, float]]
+    examples: List[dict] = field(default_factory=list)
+    counts: dict = field(default_factory=dict)
+
+
+def measure(sources: dict, split, cfg, device="cpu", batch_size: int = 64, progress: bool = False,
+            examples: int = 0) -> Measurement:
+    """Every score of every source on `split` (evaluate.EvalSplit; its `validation` images,
+    or the probe's when it has none, choose the thresholds)."""
+    threads = torch.get_num_threads()
+    validation = split.validation or split.probe
+    with _threads(1):
+        bar = Progress(len(split.probe) + len(validation) + len(split.test), progress)
+        return _measure(sources, split, validation, cfg, device, batch_size, bar, examples, threads)
+
+
+def _measure(sources, split, validation, cfg, device, batch_size, bar, examples, threads):
+    grid = (cfg.image_size // cfg.patch_size,) * 2
+
+    def scenes(indices, what):
+        return _scenes_and_features(split, indices, sources, cfg, device, batch_size, bar, what, threads)
+
+    # 1. Probes on the probe images.
+    train = {name: [] for name in sources}
+    labels = []
+    for scene, features in scenes(split.probe, "probe"):
+        patch_labels = patch_majority(scene[2], grid).flatten()
+        kept = patch_labels != IGNORE_LABEL
+        labels.append(patch_labels[kept])
+        for name, f in features.items():
+            train[name].append(f.flatten(0, 1)[kept])
+    labels = torch.cat(labels)
+    num_classes = int(labels.max()) + 1
+    probes = {name: train_probe(torch.cat(f), labels, num_classes) for name, f in train.items()}
+    del train
+
+    # 2. Thresholds: the best mean Jaccard over the validation objects (ties: the lowest).
+    sums = {(name, t): torch.zeros(len(THRESHOLD_GRID), dtype=torch.float64) for name in sources for t in TARGETS}
+    objects = 0
+    for scene, features in scenes(validation, "validation"):
+        if scene[1] is None:
+            continue
+        for k, (name, f) in enumerate(features.items()):
+            for target, (curves, *_) in prompt_scores(f, scene[1], scene[2]).items():
+                sums[name, target] += curves.sum(0)
+                objects += len(curves) if k == 0 and target == "object" else 0
+    chosen = {name: {t: int(sums[name, t].argmax()) for t in TARGETS} for name in sources}
+    # Test classes the probe never saw are counted in one extra row (as misses).
+    size = max(num_classes, len(split.class_names or ()))
+
+    # 3. Every score on the test images.
+    rows = {name: {metric: [] for metric in KINDS} for name in sources}
+    shown, prompted = [], 0
+    for done, (scene, features) in enumerate(scenes(split.test, "test")):
+        image, instances, classes = scene
+        example = {"image": image, "instances": instances, "maps": {}}
+        for name, f in features.items():
+            r = rows[name]
+            logits = upsample(probes[name].logits(f).permute(2, 0, 1), classes.shape)
+            truth = torch.where(classes == IGNORE_LABEL, IGNORE_LABEL, classes.long().clamp(max=size))
+            confusion = confusion_matrix(logits.argmax(0), truth, size + 1)
+            r["probe_miou"].append(confusion.flatten().double())
+            if instances is None:
+                continue
+            prompts = prompt_scores(f, instances, classes)
+            for target in TARGETS:
+                curves, auroc, best, maps, points = prompts.get(target, (torch.zeros(0, len(THRESHOLD_GRID)),
+                                                                          torch.zeros(0), torch.zeros(0), None, []))
+                n = float(len(curves))
+                r[f"prompt_{target}_jaccard"].append(torch.tensor([float(curves[:, chosen[name][target]].sum()), n]))
+                r[f"prompt_{target}_auroc"].append(torch.tensor([float(auroc.sum()), n]))
+                r[f"prompt_{target}_best_jaccard"].append(torch.tensor([float(best.sum()), n]))
+                if target == "object" and done < examples and points:
+                    largest = max(range(len(points)), key=lambda k: (int((instances == points[k][0]).sum()), -k))
+                    example["object"], example["patch"] = points[largest]
+                    example["maps"][name] = maps[largest]
+            if name == next(iter(sources)) and "object" in prompts:
+                prompted += len(prompts["object"][0])
+            for metric, row in pair_scores(f, instances).items():
+                r[metric].append(row)
+        if done < examples and example["maps"]:
+            shown.append(example)
+    per_image = {name: {metric: torch.stack(r) for metric, r in metrics.items() if r}
+                 for name, metrics in rows.items()}
+    thresholds = {name: {t: float(THRESHOLD_GRID[k]) for t, k in c.items()} for name, c in chosen.items()}
+    counts = {"probe_images": len(split.probe), "validation_images": len(validation),
+              "test_images": len(split.test), "validation_objects": objects, "test_objects_prompted": prompted,
+              "num_classes": num_classes}
+    return Measurement(per_image, thresholds, shown, counts)
+
+
+def summary(measurements: List[Measurement]) -> dict:
+    """Scores with bootstrap intervals over the test images and, with several measurements
+    (runs of several seeds on the same split), over the runs; see stats.summarise."""
+    first = measurements[0]
+    per_image = {name: {metric: torch.stack([m.per_image[name][metric] for m in measurements])
+                        for metric in metrics} for name, metrics in first.per_image.items()}
+    images = next(iter(next(iter(per_image.values())).values())).shape[1]
+    result = summarise(per_image, KINDS, Bootstrap(images, len(measurements)), references=REFERENCES)
+    result["thresholds"] = first.thresholds if len(measurements) == 1 else [m.thresholds for m in measurements]
+    return result
+
+
+def scores_table(result: dict, names: Optional[Dict[str, str]] = None) -> str:
+    """The scores as text: per metric a row, per source a column "value [low, high]", then the
+    same normalised between noise (0) and ideal (1)."""
+    scores = result["scores"]
+    sources = list(scores)
+    names = names or {}
+    head = f"{'':30}" + "".join(f"{names.get(s, s):>22}" for s in sources)
+    lines = [head]
+    for normalised in (False, True):
+        if normalised:
+            lines.append("normalised: noise = 0, ideal = 1")
+        for metric in KINDS:
+            cells = []
+            for s in sources:
+                e = scores[s].get(metric)
+                e = e and (e.get("normalised") if normalised else e)
+                cells.append(f"{e['value']:.3f} [{e['low']:.3f}, {e['high']:.3f}]" if e else "-")
+            if any(c != "-" for c in cells):
+                lines.append(f"{metric:30}" + "".join(f"{c:>22}" for c in cells))
+    return "\n".join(lines)
