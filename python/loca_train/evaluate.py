@@ -18,6 +18,7 @@ eval.json and eval.png (examples); the command prints a table.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 import time
@@ -47,7 +48,8 @@ PROBE_IMAGES, TEST_IMAGES = 256, 128
 PROBE_ITERATIONS, PROBE_WEIGHT_DECAY = 100, 1e-3
 # The folder split: a fixed permutation (this seed) puts half the images in the probe's set.
 FOLDER_SPLIT_SEED = 0
-SOURCES = {"pretrained": "pretrained", "random_init": "random init", "raw_pixels": "raw pixels"}
+SOURCES = {"pretrained": "pretrained", "teacher": "teacher", "student": "student", "random_init": "random init",
+           "raw_pixels": "raw pixels", "noise": "noise", "position": "position", "colour": "colour", "ideal": "ideal"}
 EVAL_NAME, FIGURE_NAME = "eval.json", "eval.png"
 
 
@@ -516,7 +518,7 @@ def draw_examples(shown: list, metrics: dict, cfg: Config, path: Path, scale: in
     columns = ["image + prompt", "object"]
     for name in names:
         t = metrics[name]["prompt_threshold"]
-        columns += [f"{SOURCES[name]}: similarity", f"mask (> {t:.1f})"]
+        columns += [f"{SOURCES[name]}: similarity", f"mask (> {t:.2f})"]
     sheet = Image.new("RGB", (len(columns) * (cell_w + pad) + pad, header + len(shown) * (cell_h + pad)), "white")
     draw = ImageDraw.Draw(sheet)
     for c, title in enumerate(columns):
@@ -570,10 +572,14 @@ def main(argv=None) -> int:
                                         "(VOC SegmentationClass, 255 = ignore)")
     parser.add_argument("--instances", help="with --data: PNGs of instance ids (VOC SegmentationObject), "
                                             "needed by the prompt and similarity metrics")
+    parser.add_argument("--scenes", choices=("photos", "shapes"), default="photos",
+                        help="without --data: photos (textures of real photographs, 14 x 14 patches; "
+                             "docs/EVALUATION.md) or shapes (the procedural scenes)")
     parser.add_argument("--probe-images", type=int, default=PROBE_IMAGES,
-                        help=f"procedural scenes the probe trains on (default {PROBE_IMAGES})")
+                        help=f"built-in scenes the probe trains on (default {PROBE_IMAGES})")
     parser.add_argument("--test-images", type=int, default=TEST_IMAGES,
-                        help=f"procedural scenes measured (default {TEST_IMAGES})")
+                        help=f"built-in scenes measured (default {TEST_IMAGES}); photos: half as many "
+                             f"validation scenes choose the thresholds")
     parser.add_argument("--output-dir", help="where eval.json and eval.png go (default: the checkpoint's folder)")
     parser.add_argument("--device", default="auto", help="auto = cuda when available, else cpu")
     parser.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
@@ -593,21 +599,38 @@ def main(argv=None) -> int:
     state, path, out = _load(args, parser)
     cfg = config_from_dict(state["config"])
     device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    # Photo scenes are measured on a 14 x 14 patch grid whatever the network's training size.
+    eval_cfg = cfg
     try:
-        split = folder_split(cfg, args.data, args.masks, args.instances) if args.data else \
-            procedural_split(cfg, args.probe_images, args.test_images)
+        if args.data:
+            split = folder_split(cfg, args.data, args.masks, args.instances)
+        elif args.scenes == "photos":
+            from .photos import EVAL_GRID, photo_split
+            split = photo_split(args.probe_images, args.test_images // 2, args.test_images)
+            eval_cfg = dataclasses.replace(cfg, image_size=EVAL_GRID * cfg.patch_size)
+        else:
+            split = procedural_split(cfg, args.probe_images, args.test_images)
     except UsageError as error:
         parser.error(str(error))
 
-    pretrained = objective_of(cfg).build_student(cfg).encoder
-    prefix = "encoder."
-    pretrained.load_state_dict({k[len(prefix):]: v for k, v in state[args.which].items() if k.startswith(prefix)})
-    sources = {"pretrained": encoder_features(pretrained.to(device).eval(), cfg),
-               "random_init": encoder_features(random_init_encoder(cfg).to(device), cfg),
-               "raw_pixels": raw_pixel_features(cfg)}
+    encoders = {}
+    for which in ("teacher", "student"):
+        encoders[which] = objective_of(cfg).build_student(cfg).encoder
+        prefix = "encoder."
+        encoders[which].load_state_dict({k[len(prefix):]: v for k, v in state[which].items() if k.startswith(prefix)})
+        encoders[which].to(device).eval()
+    sources = {"pretrained": encoder_features(encoders[args.which], eval_cfg),
+               "random_init": encoder_features(random_init_encoder(cfg).to(device), eval_cfg),
+               "raw_pixels": raw_pixel_features(eval_cfg)}
     print(f"loca_train.evaluate: {args.which} of {path} (step {state['step']}) on {split.description}", flush=True)
     progress = sys.stderr.isatty() if args.progress is None else args.progress
-    metrics, counts, shown = evaluate(sources, split, cfg, device, args.batch_size, progress, args.examples)
+    metrics, counts, shown = evaluate(sources, split, eval_cfg, device, args.batch_size, progress, args.examples)
+    # The scores with their controls, validation thresholds and bootstrap intervals (scores.py).
+    from . import scores as sc
+    num_classes = len(split.class_names) if split.class_names else IGNORE_LABEL
+    measured = sc.measure(sc.sources_with_controls(encoders, cfg, eval_cfg, device, num_classes), split, eval_cfg,
+                          device, args.batch_size, progress, args.examples)
+    scored = sc.summary([measured])
 
     out.mkdir(parents=True, exist_ok=True)
     run_config = path.parent / "config.json"
@@ -615,13 +638,19 @@ def main(argv=None) -> int:
     result = {"checkpoint": str(path.resolve()), "step": state["step"], "which": args.which,
               "data": split.description, "split": counts, "thresholds": list(THRESHOLDS),
               "metrics": metrics, "protocol": "docs/EVALUATION.md",
+              "scores": scored["scores"], "differences": scored["differences"],
+              "validation_thresholds": scored["thresholds"], "scores_split": measured.counts,
+              "per_image": sc.per_image_lists(measured),
               "probe_recipe": {"optimizer": "L-BFGS", "iterations": PROBE_ITERATIONS,
                                "weight_decay": PROBE_WEIGHT_DECAY, "loss": "class-balanced cross-entropy"},
               "versions": versions(), "run_versions": run_versions,
               "wall_time_s": time.perf_counter() - t_start}
     (out / EVAL_NAME).write_text(json.dumps(result, indent=1))
-    draw_examples(shown, metrics, cfg, out / FIGURE_NAME)
+    chosen = {name: {"prompt_threshold": t["object"]} for name, t in measured.thresholds.items()}
+    draw_examples(measured.examples, chosen, eval_cfg, out / FIGURE_NAME)
     print(table(metrics))
+    print("scores with 95% bootstrap intervals over the test images (docs/EVALUATION.md):")
+    print(sc.scores_table(scored, SOURCES))
     skipped = f", {counts['objects_skipped']} skipped (no patch centre inside)" if counts["objects_skipped"] else ""
     objects = (f"; {counts['objects_prompted']} objects prompted{skipped}" if "prompt_jaccard" in metrics["pretrained"]
                else "; no --instances: prompt and similarity metrics skipped")

@@ -37,6 +37,8 @@ KINDS = {**{f"prompt_{t}_{m}": "ratio" for t in TARGETS for m in ("jaccard", "au
          **{f"similarity_{m}": "ratio" for m in ("same", "different", "auc", "same_objects", "different_objects",
                                                   "auc_objects", "auc_matched_distance")},
          "probe_miou": "mean_iou"}
+# Mean cosines: higher is not better, so they are not normalised between noise and ideal.
+RAW = tuple(f"similarity_{m}" for m in ("same", "different", "same_objects", "different_objects"))
 
 
 # ------------------------------------------------------------------ ranks
@@ -246,7 +248,8 @@ def summary(measurements: List[Measurement]) -> dict:
     per_image = {name: {metric: torch.stack([m.per_image[name][metric] for m in measurements])
                         for metric in metrics} for name, metrics in first.per_image.items()}
     images = next(iter(next(iter(per_image.values())).values())).shape[1]
-    result = summarise(per_image, KINDS, Bootstrap(images, len(measurements)), references=REFERENCES)
+    result = summarise(per_image, KINDS, Bootstrap(images, len(measurements)), references=REFERENCES,
+                       raw=RAW)
     result["thresholds"] = first.thresholds if len(measurements) == 1 else [m.thresholds for m in measurements]
     return result
 
@@ -271,3 +274,57 @@ def scores_table(result: dict, names: Optional[Dict[str, str]] = None) -> str:
             if any(c != "-" for c in cells):
                 lines.append(f"{metric:30}" + "".join(f"{c:>22}" for c in cells))
     return "\n".join(lines)
+
+
+def sources_with_controls(encoders: Dict[str, torch.nn.Module], cfg, eval_cfg, device, num_classes: int) -> dict:
+    """The feature sources of the scores: the `encoders` (name -> encoder on `device`), the
+    same network at random init, raw pixels and the controls, on eval_cfg's input grid."""
+    from .controls import control_sources
+    from .evaluate import encoder_features, random_init_encoder, raw_pixel_features
+
+    sources = {name: encoder_features(encoder.eval(), eval_cfg) for name, encoder in encoders.items()}
+    sources["random_init"] = encoder_features(random_init_encoder(cfg).to(device), eval_cfg)
+    sources["raw_pixels"] = raw_pixel_features(eval_cfg)
+    return {**sources, **control_sources(cfg.patch_size, num_classes)}
+
+
+def per_image_lists(measurement: Measurement) -> dict:
+    """The per-image rows as lists (eval.json's "per_image"), so that runs can be combined later."""
+    return {name: {metric: rows.tolist() for metric, rows in metrics.items()}
+            for name, metrics in measurement.per_image.items()}
+
+
+def main(argv=None) -> int:
+    """`python -m loca_train.scores EVAL_JSON...`: the scores of several runs (seeds) measured on
+    the same split, with intervals over the runs and the test images."""
+    import argparse
+    import json
+
+    parser = argparse.ArgumentParser(prog="python -m loca_train.scores",
+                                     description="Scores of several evaluations (eval.json of runs of several "
+                                                 "seeds, same split) with bootstrap intervals over runs and images.")
+    parser.add_argument("evaluations", nargs="+", help="eval.json files written by python -m loca_train.evaluate")
+    parser.add_argument("--output", help="write the combined scores here (JSON)")
+    args = parser.parse_args(argv)
+    measurements = []
+    for path in args.evaluations:
+        result = json.loads(open(path).read())
+        if "per_image" not in result:
+            parser.error(f"{path}: no per_image rows (written by an older python -m loca_train.evaluate)")
+        per_image = {name: {metric: torch.tensor(rows, dtype=torch.float64) for metric, rows in metrics.items()}
+                     for name, metrics in result["per_image"].items()}
+        measurements.append(Measurement(per_image, result["validation_thresholds"]))
+    shapes = {tuple(next(iter(m.per_image.values()))["probe_miou"].shape) for m in measurements}
+    if len(shapes) != 1 or len({frozenset(m.per_image) for m in measurements}) != 1:
+        parser.error("the evaluations differ in their sources or test images; combine runs measured on one split")
+    result = summary(measurements)
+    print(f"{len(measurements)} runs; 95% intervals over runs and test images")
+    print(scores_table(result))
+    if args.output:
+        with open(args.output, "w") as f:
+            json.dump(result, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

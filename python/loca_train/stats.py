@@ -84,12 +84,13 @@ def interval(samples: torch.Tensor) -> tuple:
 
 def summarise(per_image: Dict[str, Dict[str, torch.Tensor]], kinds: Dict[str, str], bootstrap: Bootstrap,
               floor: Optional[str] = "noise", ceiling: Optional[str] = "ideal",
-              references: tuple = ()) -> dict:
+              references: tuple = (), raw: tuple = ()) -> dict:
     """Scores with intervals. per_image: {source: {metric: (runs, images, k) or (images, k)}};
     kinds: {metric: a STATISTICS name}. Returns {"scores": {source: {metric: {value, low, high,
     normalised: {value, low, high}}}}, "differences": {"a - b": {metric: {value, low, high}}}}:
     normalised = (score - floor's) / (ceiling's - floor's), paired draw by draw; differences
-    of every source that is not a reference against each reference source present."""
+    of every source that is not a reference against each reference source present. Metrics in
+    `raw` (where higher is not better) are not normalised."""
     samples, values = {}, {}
     for source, metrics in per_image.items():
         for metric, x in metrics.items():
@@ -104,7 +105,7 @@ def summarise(per_image: Dict[str, Dict[str, torch.Tensor]], kinds: Dict[str, st
     scores = {}
     for (source, metric), draws in samples.items():
         e = entry(values[source, metric], draws)
-        if (floor, metric) in values and (ceiling, metric) in values:
+        if metric not in raw and (floor, metric) in values and (ceiling, metric) in values:
             span = values[ceiling, metric] - values[floor, metric]
             draws_span = samples[ceiling, metric] - samples[floor, metric]
             e["normalised"] = entry((values[source, metric] - values[floor, metric]) / span if span else float("nan"),
