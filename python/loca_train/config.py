@@ -34,7 +34,10 @@ class Config:
     # Data: None = the built-in procedural image set; else an ImageFolder-style directory.
     data: Optional[str] = setting(None, "ImageFolder-style directory of images (class sub-folders); "
                                         "default: the built-in procedural set")
-    num_images: int = setting(2048, "size of the procedural set")
+    scenes: str = setting("shapes", "built-in set when --data is not given: shapes (procedural) or photos "
+                                    "(textures cut from scikit-image's photographs, their train split; "
+                                    "docs/EVALUATION.md)", choices=("shapes", "photos"))
+    num_images: int = setting(2048, "size of the built-in set")
     source_size: int = setting(64, "longest side of a source image before cropping (pixels); 0: full "
                                    "resolution, crops cut from the original image and resized after "
                                    "cropping (official; procedural images render at 320 px)")

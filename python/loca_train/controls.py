@@ -13,6 +13,7 @@ TruthFeatures, called with the scenes and the grid).
 from __future__ import annotations
 
 import functools
+import zlib
 from typing import Callable, Optional, Sequence
 
 import torch
@@ -28,13 +29,16 @@ POSITION_CENTRES, POSITION_WIDTH = 6, 0.15
 
 
 def noise_features(patch: int, dim: int = NOISE_DIM, seed: int = NOISE_SEED) -> Callable:
-    """i.i.d. standard normal features (B, g, g, dim) on the grid of `patch`-pixel patches; one
-    generator, so the draws are fixed by the order of the calls."""
-    g = torch.Generator().manual_seed(seed)
-
+    """i.i.d. standard normal features (B, g, g, dim) on the grid of `patch`-pixel patches, drawn
+    from a generator seeded with (seed, the image's bytes): the same image always gets the same
+    noise, whatever the order of the calls."""
     def features(x: torch.Tensor) -> torch.Tensor:
         b, _, h, w = x.shape
-        return torch.randn(b, h // patch, w // patch, dim, generator=g).to(x.device)
+        out = []
+        for image in x.cpu():
+            g = torch.Generator().manual_seed(zlib.crc32(image.numpy().tobytes(), seed))
+            out.append(torch.randn(h // patch, w // patch, dim, generator=g))
+        return torch.stack(out).to(x.device)
     return features
 
 

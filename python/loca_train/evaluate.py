@@ -567,7 +567,8 @@ def main(argv=None) -> int:
     which.add_argument("--checkpoint", help="a training checkpoint file")
     parser.add_argument("--which", choices=("teacher", "student"), default="teacher",
                         help="the encoder evaluated (default: the teacher, the network LOCA keeps)")
-    parser.add_argument("--data", help="your images (any depth); default: the procedural evaluation split")
+    parser.add_argument("--data", help="your images (any depth), or a PASCAL VOC folder (VOCdevkit/VOC2012: its "
+                                       "segmentation train and val lists); default: --scenes")
     parser.add_argument("--masks", help="with --data: PNGs of class indices at each image's relative path "
                                         "(VOC SegmentationClass, 255 = ignore)")
     parser.add_argument("--instances", help="with --data: PNGs of instance ids (VOC SegmentationObject), "
@@ -589,8 +590,11 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if (args.masks or args.instances) and not args.data:
         parser.error("--masks and --instances go with --data")
-    if args.data and not args.masks:
-        parser.error("--data needs --masks (PNGs of class indices)")
+    from .voc import is_voc_root, voc_split
+    voc = bool(args.data) and not args.masks and is_voc_root(args.data)
+    if args.data and not args.masks and not voc:
+        parser.error("--data needs --masks (PNGs of class indices) or a VOC folder (JPEGImages, "
+                     "SegmentationClass, ImageSets/Segmentation)")
     if args.probe_images < 1 or args.test_images < 2:
         parser.error("--probe-images must be >= 1 and --test-images >= 2")
     if args.batch_size < 1:
@@ -602,7 +606,9 @@ def main(argv=None) -> int:
     # Photo scenes are measured on a 14 x 14 patch grid whatever the network's training size.
     eval_cfg = cfg
     try:
-        if args.data:
+        if voc:
+            split = voc_split(cfg, args.data)
+        elif args.data:
             split = folder_split(cfg, args.data, args.masks, args.instances)
         elif args.scenes == "photos":
             from .photos import EVAL_GRID, photo_split

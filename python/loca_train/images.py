@@ -91,9 +91,11 @@ class ImageFolder:
     that the longer side is `size` (0: kept at full resolution). Classes are ignored: LOCA
     needs no labels."""
 
-    def __init__(self, root: str, size: int):
+    def __init__(self, root: str, size: int, files: Optional[list] = None):
         self.size = size
-        self.files = sorted(str(p) for p in Path(root).rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
+        # files: the images to use (paths under root), e.g. those of a dataset's split list.
+        self.files = sorted(str(p) for p in Path(root).rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS) \
+            if files is None else sorted(str(p) for p in files)
         if not self.files:
             raise UsageError(f"--data {root}: no images ({', '.join(IMAGE_EXTENSIONS)}) in it")
 
@@ -140,8 +142,9 @@ class SegmentationFolder(ImageFolder):
     SegmentationObject: 0 background, 1..n objects, 255 ignore). Every mask must exist and
     have its image's size: both are checked here, before any work, from the file headers."""
 
-    def __init__(self, root: str, size: int, masks: str, instances: Optional[str] = None):
-        super().__init__(root, size)
+    def __init__(self, root: str, size: int, masks: str, instances: Optional[str] = None,
+                 files: Optional[list] = None):
+        super().__init__(root, size, files)
         from PIL import Image
 
         self.root = Path(root)
@@ -190,8 +193,12 @@ class SegmentationFolder(ImageFolder):
         return image, instances, self._read_mask("--masks", index, size)
 
 
-def open_images(data, num_images: int, size: int, seed: int):
-    """The image set a run trains on: ImageFolder(data) or the procedural set when data is None."""
+def open_images(data, num_images: int, size: int, seed: int, scenes: str = "shapes"):
+    """The image set a run trains on: ImageFolder(data), or when data is None the built-in
+    `scenes`: the procedural set or the photo scenes' train split (photos.py)."""
+    if data is None and scenes == "photos":
+        from .photos import EVAL_SIZE, PhotoScenes
+        return PhotoScenes(num_images, size or EVAL_SIZE, seed, split="train")
     if data is None:
         return ProceduralImages(num_images, size or PROCEDURAL_NATIVE_SIZE, seed)
     if not os.path.isdir(data):

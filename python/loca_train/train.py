@@ -75,7 +75,7 @@ def check_run(cfg: Config, world_size: int):
     if existing and not (cfg.resume or cfg.overwrite):
         raise UsageError(f"{out} already holds a run ({', '.join(existing)}); continue it with --resume "
                          f"or replace it with --overwrite")
-    images = open_images(cfg.data, cfg.num_images, cfg.source_size, cfg.seed)
+    images = open_images(cfg.data, cfg.num_images, cfg.source_size, cfg.seed, cfg.scenes)
     if len(images) < cfg.batch_size * world_size:
         processes = f" x {world_size} processes" if world_size > 1 else ""
         raise UsageError(f"{len(images)} images ({cfg.data or 'procedural set'}) are fewer than one "
