@@ -62,5 +62,6 @@ setup(
     cmdclass={"build_ext": CMakeBuild},
     python_requires=">=3.10",
     install_requires=["torch>=2.10", "numpy"],
-    extras_require={"test": ["pytest", "pytest-benchmark", "triton"]},
+    extras_require={"test": ["pytest", "pytest-benchmark", "triton", "scikit-image"],
+                    "eval": ["scikit-image"]},
 )

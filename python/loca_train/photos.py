@@ -6,8 +6,9 @@ A class is a texture: the grey-level content of one of scikit-image's texture ph
 largest connected part) at a random scale, aspect and place, filled with a crop of its class's
 texture at a random zoom; the background and the distractors (blobs of class 0, no instance)
 are crops of other photographs (BACKGROUND_PHOTOS). Every crop is standardised in brightness
-and contrast, then coloured with two colours drawn from one small palette shared by every
-class, the background and the distractors: colour says nothing of the class. A scene holds
+and contrast, then coloured with two of the scene's three colours (drawn from one small
+palette), which its background, distractors and objects of every class share: colour says
+nothing of the class and little of the instance. A scene holds
 two classes with two or three instances each, so an instance's class-mates are elsewhere in
 the image.
 
@@ -24,6 +25,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .config import UsageError
+
 # Classes 1..5 (0: background and distractors): the textures of scikit-image's data module.
 OBJECT_TEXTURES = ("brick", "grass", "gravel", "text", "coins")
 PHOTO_CLASSES = ("background",) + OBJECT_TEXTURES
@@ -35,19 +38,25 @@ SPLIT_BANDS = {"train": (0.0, 0.5), "validation": (0.5, 0.75), "test": (0.75, 1.
 # Generator seed offsets of the splits: train streams use seed * 1_000_003 + index (as the
 # procedural set), the two evaluation streams start above every training seed.
 SPLIT_OFFSETS = {"train": 0, "validation": 1 << 31, "test": 3 << 30}
-# Colours shared by every texture (RGB in [0, 1]); a crop is a blend of two of them.
+# Colours shared by every texture (RGB in [0, 1]). A scene draws SCENE_COLOURS of them and
+# each of its crops (background, distractors, objects) is a blend of two of those: the
+# colours of a scene are shared by its classes and its background.
 PALETTE = torch.tensor([[0.85, 0.2, 0.2], [0.2, 0.6, 0.25], [0.2, 0.35, 0.85], [0.9, 0.8, 0.2],
                         [0.6, 0.3, 0.7], [0.1, 0.1, 0.1], [0.95, 0.95, 0.9], [0.3, 0.75, 0.8]])
 # Scene layout, in fractions of the scene's side: object boxes, and the zoom range (source
 # pixels per scene pixel at REFERENCE_SIZE) at which textures are cut.
 OBJECT_BOX, ZOOM, REFERENCE_SIZE = (0.22, 0.5), (1.0, 2.0), 112
-CLASSES_PER_SCENE, INSTANCES_PER_CLASS, DISTRACTORS = 2, (2, 3), (1, 3)
+CLASSES_PER_SCENE, INSTANCES_PER_CLASS, DISTRACTORS, SCENE_COLOURS = 2, (2, 3), (1, 3), 3
 
 
 @functools.lru_cache(maxsize=None)
 def _grey(name: str) -> torch.Tensor:
     """The photograph `name` of skimage.data as float grey levels (h, w) in [0, 1]."""
-    from skimage import data
+    try:
+        from skimage import data
+    except ImportError:
+        raise UsageError("the photo scenes need scikit-image (pip install scikit-image); "
+                         "--scenes shapes uses the procedural scenes") from None
 
     image = np.asarray(getattr(data, name)(), dtype=np.float64)
     if image.ndim == 3:
@@ -69,10 +78,10 @@ def _crop(name: str, split: str, side: Tuple[int, int], zoom: float, g: torch.Ge
     return ((crop - crop.mean()) / crop.std().clamp_min(1e-3) * 0.2 + 0.5).clamp(0, 1)
 
 
-def _colour(grey: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-    """(h, w) grey levels -> (3, h, w): a blend of two distinct palette colours."""
-    a, b = torch.randperm(len(PALETTE), generator=g)[:2]
-    return PALETTE[a].view(3, 1, 1) * grey + PALETTE[b].view(3, 1, 1) * (1 - grey)
+def _colour(grey: torch.Tensor, colours: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """(h, w) grey levels -> (3, h, w): a blend of two distinct colours of the scene's `colours`."""
+    a, b = colours[torch.randperm(len(colours), generator=g)[:2]]
+    return a.view(3, 1, 1) * grey + b.view(3, 1, 1) * (1 - grey)
 
 
 def _blob(height: int, width: int, g: torch.Generator) -> torch.Tensor:
@@ -110,11 +119,11 @@ class PhotoScenes:
     def __getitem__(self, index: int) -> torch.Tensor:
         return self.scene(index)[0]
 
-    def _patch(self, g: torch.Generator, source: str, box: Tuple[int, int]):
+    def _patch(self, g: torch.Generator, colours: torch.Tensor, source: str, box: Tuple[int, int]):
         zoom = float(ZOOM[0] + (ZOOM[1] - ZOOM[0]) * torch.rand((), generator=g)) * REFERENCE_SIZE / self.size
-        return _colour(_crop(source, self.split, box, zoom, g), g)
+        return _colour(_crop(source, self.split, box, zoom, g), colours, g)
 
-    def _place(self, g: torch.Generator, occupied: torch.Tensor, source: str):
+    def _place(self, g: torch.Generator, colours: torch.Tensor, occupied: torch.Tensor, source: str):
         """(texture (3, bh, bw), blob (bh, bw), (y, x)): a blob filled with `source`, placed where
         it overlaps occupied pixels least (of a few random tries), its box's corner at (y, x)."""
         s = self.size
@@ -129,19 +138,20 @@ class PhotoScenes:
             overlap = int((occupied[y:y + bh, x:x + bw] & blob).sum())
             if best is None or overlap < best[0]:
                 best = (overlap, y, x)
-        return self._patch(g, source, (bh, bw)), blob, best[1:]
+        return self._patch(g, colours, source, (bh, bw)), blob, best[1:]
 
     def scene(self, index: int):
         g = torch.Generator().manual_seed(SPLIT_OFFSETS[self.split] + self.seed * 1_000_003 + index)
         s = self.size
+        colours = PALETTE[torch.randperm(len(PALETTE), generator=g)[:SCENE_COLOURS]]
         photos = torch.randperm(len(BACKGROUND_PHOTOS), generator=g).tolist()
-        image = self._patch(g, BACKGROUND_PHOTOS[photos[0]], (s, s))
+        image = self._patch(g, colours, BACKGROUND_PHOTOS[photos[0]], (s, s))
         instances = torch.zeros(s, s, dtype=torch.uint8)
         classes = torch.zeros(s, s, dtype=torch.uint8)
         occupied = torch.zeros(s, s, dtype=torch.bool)
 
         def paste(source: str):
-            texture, blob, (y, x) = self._place(g, occupied, source)
+            texture, blob, (y, x) = self._place(g, colours, occupied, source)
             box = (slice(y, y + blob.shape[0]), slice(x, x + blob.shape[1]))
             image[(slice(None),) + box] = torch.where(blob, texture, image[(slice(None),) + box])
             return box, blob
