@@ -200,6 +200,11 @@ def test_evaluate_a_voc_folder(tmp_path, capsys):
     assert ideal["prompt_object_auroc"]["value"] > result["scores"]["noise"]["prompt_object_auroc"]["value"]
     assert "teacher - random_init" in result["differences"]
     assert "normalised: noise = 0, ideal = 1" in capsys.readouterr().out
+    # Two runs (here the same one twice) combined: intervals over runs and images.
+    assert sc.main([str(out / "eval.json")] * 2 + ["--output", str(out / "seeds.json")]) == 0
+    combined = json.loads((out / "seeds.json").read_text())["scores"]["teacher"]["probe_miou"]
+    assert combined["value"] == pytest.approx(result["scores"]["teacher"]["probe_miou"]["value"])
+    assert "2 runs; 95% intervals over runs and test images" in capsys.readouterr().out
     (voc / "ImageSets/Segmentation/val.txt").write_text("d\nmissing\n")
     with pytest.raises(SystemExit):
         ev.main(["--run-dir", str(run), "--data", str(voc), "--output-dir", str(out), "--no-progress"])
