@@ -234,7 +234,7 @@ def _measure(sources, split, validation, cfg, device, batch_size, bar, examples,
             shown.append(example)
     per_image = {name: {metric: torch.stack(r) for metric, r in metrics.items() if r}
                  for name, metrics in rows.items()}
-    thresholds = {name: {t: float(THRESHOLD_GRID[k]) for t, k in c.items()} for name, c in chosen.items()}
+    thresholds = {name: {t: round(float(THRESHOLD_GRID[k]), 4) for t, k in c.items()} for name, c in chosen.items()}
     counts = {"probe_images": len(split.probe), "validation_images": len(validation),
               "test_images": len(split.test), "validation_objects": objects, "test_objects_prompted": prompted,
               "num_classes": num_classes}
