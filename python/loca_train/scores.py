@@ -48,8 +48,10 @@ def grouped_mann_whitney(values: torch.Tensor, positive: torch.Tensor, groups: t
     (ties count one half), and the number of such pairs: two (num_groups,) float64 tensors."""
     values, groups = values.double().flatten(), groups.long().flatten()
     positive = positive.flatten()
-    order = torch.sort(values, stable=True).indices
-    order = order[torch.sort(groups[order], stable=True).indices]                 # by group, then value
+    # One sort by group, then value: the values scaled into [0, 1) ride on 2 * group (equal values
+    # stay equal, and float64 keeps values float32 can tell apart distinct at these magnitudes).
+    low, span = (values.min(), values.max() - values.min()) if len(values) else (0.0, 0.0)
+    order = torch.sort(groups * 2.0 + (values - low) / (span * 1.0001 + 1e-30)).indices
     v, g, p = values[order], groups[order], positive[order]
     change = torch.ones(len(v), dtype=torch.bool)
     change[1:] = (v[1:] != v[:-1]) | (g[1:] != g[:-1])
