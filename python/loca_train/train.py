@@ -78,7 +78,8 @@ def check_run(cfg: Config, world_size: int):
     images = open_images(cfg.data, cfg.num_images, cfg.source_size, cfg.seed, cfg.scenes)
     if len(images) < cfg.batch_size * world_size:
         processes = f" x {world_size} processes" if world_size > 1 else ""
-        raise UsageError(f"{len(images)} images ({cfg.data or 'procedural set'}) are fewer than one "
+        source = cfg.data or ("photo scenes" if cfg.scenes == "photos" else "procedural set")
+        raise UsageError(f"{len(images)} images ({source}) are fewer than one "
                          f"batch ({cfg.batch_size}{processes})")
     return images
 
