@@ -85,12 +85,15 @@ class TruthFeatures:
 
 def _fractions(labels: torch.Tensor, count: int, grid) -> torch.Tensor:
     """(h, w) labels -> (gh, gw, count): the fraction of each patch's counted pixels with each
-    label (IGNORE_LABEL and labels >= count not counted)."""
+    label (IGNORE_LABEL and labels >= count not counted); pixel (y, x) lies in patch
+    (y gh // h, x gw // w)."""
+    h, w = labels.shape
+    gh, gw = grid
     labels = labels.long()
     kept = labels < count
-    one_hot = F.one_hot(torch.where(kept, labels, 0), count).float() * kept[..., None]
-    pooled = F.adaptive_avg_pool2d(one_hot.permute(2, 0, 1)[None], tuple(grid))[0].permute(1, 2, 0)
-    return pooled / pooled.sum(-1, keepdim=True).clamp_min(1e-12)
+    patch = (torch.arange(h)[:, None] * gh // h) * gw + torch.arange(w)[None, :] * gw // w
+    counts = torch.bincount((patch * count + labels)[kept], minlength=gh * gw * count).view(gh, gw, count).float()
+    return counts / counts.sum(-1, keepdim=True).clamp_min(1)
 
 
 def control_sources(patch: int, num_classes: int, num_instances: int = IGNORE_LABEL) -> dict:

@@ -52,7 +52,7 @@ class Bootstrap:
         """per_image (runs, images, k) or (images, k) -> (B,) bootstrap samples of the score:
         the mean over the drawn runs of statistic(the drawn images' totals)."""
         x = _runs(per_image, self.num_runs, self.images)
-        totals = torch.einsum("bn,rnk->brk", self.weights, x)                             # (B, R, k)
+        totals = (self.weights @ x).transpose(0, 1)                                       # (B, R, k)
         per_run = statistic(totals)                                                       # (B, R)
         return per_run.gather(1, self.runs).nanmean(1)
 
