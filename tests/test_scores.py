@@ -208,6 +208,11 @@ def test_evaluate_a_voc_folder(tmp_path, capsys):
     combined = json.loads((out / "seeds.json").read_text())["scores"]["teacher"]["probe_miou"]
     assert combined["value"] == pytest.approx(result["scores"]["teacher"]["probe_miou"]["value"])
     assert "2 runs; 95% intervals over runs and test images" in capsys.readouterr().out
+    for argv, message in ((["--combine", str(out / "missing.json")], "--combine " + str(out / "missing.json")),
+                          (["--run-dir", str(run), "--output", str(out / "x.json")], "--output goes with --combine")):
+        with pytest.raises(SystemExit):
+            ev.main(argv)
+        assert message in capsys.readouterr().err
     (voc / "ImageSets/Segmentation/val.txt").write_text("d\nmissing\n")
     with pytest.raises(SystemExit):
         ev.main(["--run-dir", str(run), "--data", str(voc), "--output-dir", str(out), "--no-progress"])
