@@ -33,9 +33,9 @@ class Config:
                                      "dense InfoNCE with queues), gtsa (turned multi-crop, crop, correspondence "
                                      "and rotation terms), mmc (masked image modelling, self-distillation, global "
                                      "contrast)", choices=OBJECTIVES)
-    # Data: None = the built-in procedural image set; else an ImageFolder-style directory.
+    # Data: None = a built-in image set (--scenes); else an ImageFolder-style directory.
     data: Optional[str] = setting(None, "ImageFolder-style directory of images (class sub-folders); "
-                                        "default: the built-in procedural set")
+                                        "default: the built-in set --scenes names")
     scenes: str = setting("shapes", "built-in set when --data is not given: shapes (procedural) or photos "
                                     "(textures cut from scikit-image's photographs, their train split; "
                                     "docs/EVALUATION.md)", choices=("shapes", "photos"))
