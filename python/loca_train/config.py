@@ -33,10 +33,13 @@ class Config:
                                      "dense InfoNCE with queues), gtsa (turned multi-crop, crop, correspondence "
                                      "and rotation terms), mmc (masked image modelling, self-distillation, global "
                                      "contrast)", choices=OBJECTIVES)
-    # Data: None = the built-in procedural image set; else an ImageFolder-style directory.
+    # Data: None = a built-in image set (--scenes); else an ImageFolder-style directory.
     data: Optional[str] = setting(None, "ImageFolder-style directory of images (class sub-folders); "
-                                        "default: the built-in procedural set")
-    num_images: int = setting(2048, "size of the procedural set")
+                                        "default: the built-in set --scenes names")
+    scenes: str = setting("shapes", "built-in set when --data is not given: shapes (procedural) or photos "
+                                    "(textures cut from scikit-image's photographs, their train split; "
+                                    "docs/EVALUATION.md)", choices=("shapes", "photos"))
+    num_images: int = setting(2048, "size of the built-in set")
     source_size: int = setting(64, "longest side of a source image before cropping (pixels); 0: full "
                                    "resolution, crops cut from the original image and resized after "
                                    "cropping (official; procedural images render at 320 px)")
@@ -166,7 +169,7 @@ _VIEWS = ("Every objective draws global views (--global-size pixels, area --glob
           "--num-focal, --focal-area) stay as aliases for one release.")
 FLAG_GROUPS = (
     ("objective", None, ("objective",)),
-    ("data", "the images", ("data", "num_images", "source_size", "num_workers")),
+    ("data", "the images", ("data", "scenes", "num_images", "source_size", "num_workers")),
     ("views", _VIEWS, ("image_size", "focal_size", "num_focal", "reference_area", "focal_area", "crop_sampler",
                        "color_jitter", "jitter_style", "grayscale")),
     ("model", "the ViT encoder and the heads", ("patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio",

@@ -1,5 +1,5 @@
 """`python -m loca_train.evaluate --run-dir R | --checkpoint C`: does a run's encoder give dense
-features that segment?
+features that segment? (`--combine EVAL_JSON...`: the scores of several runs pooled.)
 
 Three evaluations of the encoder's final patch tokens, none of which finetunes the encoder
 (the protocol, fixed here, is written out in docs/EVALUATION.md):
@@ -13,11 +13,15 @@ Three evaluations of the encoder's final patch tokens, none of which finetunes t
   labels, its logits upsampled, mIoU on held-out images.
 
 Every report holds two baselines computed in the same run: the same network at its random
-initialisation and raw pixels (each patch's RGB values as its feature). Results go to
-eval.json and eval.png (examples); the command prints a table.
+initialisation and raw pixels (each patch's RGB values as its feature). Beside them, the
+scores with controls (noise, position, colour, ideal), thresholds chosen on validation images
+and bootstrap intervals (evaluation/scores.py) of the teacher and the student. By default the
+images are photo scenes (photos.py) measured on a 14 x 14 patch grid. Results go to eval.json
+and eval.png (examples); the command prints the tables.
 """
 from __future__ import annotations
 
+import dataclasses
 import errno
 import json
 import os
@@ -31,12 +35,16 @@ from . import checkpoint
 from .config import Parser, UsageError, config_from_dict, usage_error
 from .monitor import format_duration, versions
 from .objectives import objective_of
-from .evaluation.data import (PROBE_IMAGES, TEST_IMAGES, encoder_features, folder_split, procedural_split,
-                              random_init_encoder, raw_pixel_features)
+from .evaluation import scores
+from .evaluation.data import (EVAL_GRID, PROBE_IMAGES, TEST_IMAGES, encoder_features, folder_split, photo_split,
+                              procedural_split, random_init_encoder, raw_pixel_features)
 from .evaluation.metrics import THRESHOLDS
 from .evaluation.probe import PROBE_ITERATIONS, PROBE_WEIGHT_DECAY
-from .evaluation.report import draw_examples, table
+from .evaluation.report import SOURCES, draw_examples, table
 from .evaluation.runner import evaluate
+from .evaluation.voc import is_voc_root, voc_split
+from .images import IGNORE_LABEL
+from .photos import require_scikit_image
 
 EVAL_NAME, FIGURE_NAME = "eval.json", "eval.png"
 
@@ -61,21 +69,31 @@ def _parser() -> Parser:
     parser = Parser(prog="python -m loca_train.evaluate",
                     description="Dense-feature evaluation of a loca_train run: zero-shot prompt segmentation, "
                                 "intra/inter-object similarity and a linear segmentation probe, beside the "
-                                "same network at random init and raw pixels (docs/EVALUATION.md).")
+                                "same network at random init and raw pixels, and the scores with controls "
+                                "and bootstrap intervals (docs/EVALUATION.md).")
     which = parser.add_mutually_exclusive_group(required=True)
     which.add_argument("--run-dir", help="output folder of the run (holds checkpoint.pt)")
     which.add_argument("--checkpoint", help="a training checkpoint file")
+    which.add_argument("--combine", nargs="+", metavar="EVAL_JSON",
+                       help="no evaluation: the scores of several runs (seeds) measured on one split, from their "
+                            "eval.json, with bootstrap intervals over the runs and the test images")
+    parser.add_argument("--output", help="with --combine: write the combined scores here (JSON)")
     parser.add_argument("--which", choices=("teacher", "student"), default="teacher",
                         help="the encoder evaluated (default: the teacher, the network LOCA keeps)")
-    parser.add_argument("--data", help="your images (any depth); default: the procedural evaluation split")
+    parser.add_argument("--data", help="your images (any depth), or a PASCAL VOC folder (VOCdevkit/VOC2012: its "
+                                       "segmentation train and val lists); default: --scenes")
     parser.add_argument("--masks", help="with --data: PNGs of class indices at each image's relative path "
                                         "(VOC SegmentationClass, 255 = ignore)")
     parser.add_argument("--instances", help="with --data: PNGs of instance ids (VOC SegmentationObject), "
                                             "needed by the prompt and similarity metrics")
+    parser.add_argument("--scenes", choices=("photos", "shapes"), default="photos",
+                        help="without --data: photos (textures of real photographs, 14 x 14 patches; "
+                             "docs/EVALUATION.md) or shapes (the procedural scenes)")
     parser.add_argument("--probe-images", type=int, default=PROBE_IMAGES,
-                        help=f"procedural scenes the probe trains on (default {PROBE_IMAGES})")
+                        help=f"built-in scenes the probe trains on (default {PROBE_IMAGES})")
     parser.add_argument("--test-images", type=int, default=TEST_IMAGES,
-                        help=f"procedural scenes measured (default {TEST_IMAGES})")
+                        help=f"built-in scenes measured (default {TEST_IMAGES}); photos: half as many "
+                             f"validation scenes choose the thresholds")
     parser.add_argument("--output-dir", help="where eval.json and eval.png go (default: the checkpoint's folder)")
     parser.add_argument("--device", default="auto", help="auto = cuda when available, else cpu")
     parser.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
@@ -88,10 +106,14 @@ def _parser() -> Parser:
 def _arguments(parser: Parser, argv):
     """The parsed arguments; a combination that cannot work is a one-line error before any work."""
     args = parser.parse_args(argv)
+    if args.output and not args.combine:
+        parser.error("--output goes with --combine (an evaluation writes to --output-dir)")
     if (args.masks or args.instances) and not args.data:
         parser.error("--masks and --instances go with --data")
-    if args.data and not args.masks:
-        parser.error("--data needs --masks (PNGs of class indices)")
+    args.voc = bool(args.data) and not args.masks and is_voc_root(args.data)
+    if args.data and not args.masks and not args.voc:
+        parser.error("--data needs --masks (PNGs of class indices) or a VOC folder (JPEGImages, "
+                     "SegmentationClass, ImageSets/Segmentation)")
     if args.probe_images < 1 or args.test_images < 2:
         parser.error("--probe-images must be >= 1 and --test-images >= 2")
     if args.batch_size < 1:
@@ -99,58 +121,108 @@ def _arguments(parser: Parser, argv):
     return args
 
 
-def _sources(state: dict, cfg, which: str, device, path: Path, parser: Parser) -> dict:
-    """The feature sources: the run's encoder (`which` of teacher and student), the same network
-    at its random initialisation, raw pixels."""
-    pretrained = objective_of(cfg).build_student(cfg).encoder
+def _split(args, cfg):
+    """(the evaluation split, the config the networks see): photo scenes are measured on an
+    EVAL_GRID x EVAL_GRID patch grid whatever the network's training size. Raises UsageError."""
+    if args.voc:
+        return voc_split(cfg, args.data), cfg
+    if args.data:
+        return folder_split(cfg, args.data, args.masks, args.instances), cfg
+    if args.scenes == "photos":
+        require_scikit_image()
+        split = photo_split(args.probe_images, args.test_images // 2, args.test_images)
+        return split, dataclasses.replace(cfg, image_size=EVAL_GRID * cfg.patch_size)
+    return procedural_split(cfg, args.probe_images, args.test_images), cfg
+
+
+def _encoders(state: dict, cfg, device, path: Path, parser: Parser) -> dict:
+    """The run's teacher and student encoders, on `device`, in eval mode."""
+    encoders = {}
     prefix = "encoder."
+    for which in ("teacher", "student"):
+        encoders[which] = objective_of(cfg).build_student(cfg).encoder
+        try:
+            encoders[which].load_state_dict({k[len(prefix):]: v for k, v in state[which].items()
+                                             if k.startswith(prefix)})
+        except RuntimeError:
+            parser.error(f"{path}: its {which}'s encoder weights do not fit the network its config describes")
+        encoders[which].to(device).eval()
+    return encoders
+
+
+def _sources(encoder, cfg, eval_cfg, device) -> dict:
+    """The feature sources of the metrics: the run's encoder, the same network at its random
+    initialisation, raw pixels."""
+    return {"pretrained": encoder_features(encoder, eval_cfg),
+            "random_init": encoder_features(random_init_encoder(cfg).to(device), eval_cfg),
+            "raw_pixels": raw_pixel_features(eval_cfg)}
+
+
+def _combine(args, parser: Parser) -> int:
+    """--combine: the pooled scores printed and, with --output, written."""
     try:
-        pretrained.load_state_dict({k[len(prefix):]: v for k, v in state[which].items() if k.startswith(prefix)})
-    except RuntimeError:
-        parser.error(f"{path}: its {which}'s encoder weights do not fit the network its config describes")
-    return {"pretrained": encoder_features(pretrained.to(device).eval(), cfg),
-            "random_init": encoder_features(random_init_encoder(cfg).to(device), cfg),
-            "raw_pixels": raw_pixel_features(cfg)}
+        result = scores.combine(args.combine)
+        print(f"{len(args.combine)} runs; 95% intervals over runs and test images")
+        print(scores.scores_table(result, SOURCES))
+        if args.output:
+            checkpoint.write_text(Path(args.output), json.dumps(result, indent=1))
+    except UsageError as error:
+        parser.error(str(error))
+    return 0
 
 
 def main(argv=None) -> int:
     parser = _parser()
     args = _arguments(parser, argv)
+    if args.combine:
+        return _combine(args, parser)
     t_start = time.perf_counter()
     state, path, out = _load(args, parser)
     cfg = config_from_dict(state["config"])
     device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     try:
-        split = folder_split(cfg, args.data, args.masks, args.instances) if args.data else \
-            procedural_split(cfg, args.probe_images, args.test_images)
+        split, eval_cfg = _split(args, cfg)
     except UsageError as error:
         parser.error(str(error))
 
-    sources = _sources(state, cfg, args.which, device, path, parser)
+    encoders = _encoders(state, cfg, device, path, parser)
     print(f"loca_train.evaluate: {args.which} of {path} (step {state['step']}) on {split.description}", flush=True)
     progress = sys.stderr.isatty() if args.progress is None else args.progress
     try:
-        metrics, counts, shown = evaluate(sources, split, cfg, device, args.batch_size, progress, args.examples)
-        _write_results(args, state, path, out, split, counts, metrics, shown, cfg, t_start)
+        metrics, counts, _ = evaluate(_sources(encoders[args.which], cfg, eval_cfg, device), split, eval_cfg,
+                                      device, args.batch_size, progress)
+        # The scores with their controls, validation thresholds and bootstrap intervals.
+        num_classes = len(split.class_names) if split.class_names else IGNORE_LABEL
+        measured = scores.measure(scores.sources_with_controls(encoders, cfg, eval_cfg, device, num_classes), split,
+                                  eval_cfg, device, args.batch_size, progress, args.examples)
+        _write_results(args, state, path, out, split, counts, metrics, measured, eval_cfg, t_start)
     except UsageError as error:     # masks met during the evaluation, an eval.json that cannot be written
         parser.error(str(error))
     return 0
 
 
-def _write_results(args, state, path, out, split, counts, metrics, shown, cfg, t_start) -> None:
-    """eval.json, eval.png and the table and closing line on stdout."""
+def _write_results(args, state, path, out, split, counts, metrics, measured, cfg, t_start) -> None:
+    """eval.json, eval.png (the examples with the thresholds chosen on validation) and the
+    tables and closing line on stdout."""
+    scored = scores.summary([measured])
     run_config = path.parent / "config.json"
     run_versions = json.loads(run_config.read_text()).get("versions") if run_config.is_file() else None
     result = {"checkpoint": str(path.resolve()), "step": state["step"], "which": args.which,
               "data": split.description, "split": counts, "thresholds": list(THRESHOLDS),
               "metrics": metrics, "protocol": "docs/EVALUATION.md",
+              "scores": scored["scores"], "differences": scored["differences"],
+              "validation_thresholds": scored["thresholds"], "scores_split": measured.counts,
+              "per_image": scores.per_image_lists(measured),
               "probe_recipe": {"optimizer": "L-BFGS", "iterations": PROBE_ITERATIONS,
                                "weight_decay": PROBE_WEIGHT_DECAY, "loss": "class-balanced cross-entropy"},
               "versions": versions(), "run_versions": run_versions,
               "wall_time_s": time.perf_counter() - t_start}
     checkpoint.write_text(out / EVAL_NAME, json.dumps(result, indent=1))
-    draw_examples(shown, metrics, cfg, out / FIGURE_NAME)
+    chosen = {name: {"prompt_threshold": t["object"]} for name, t in measured.thresholds.items()}
+    draw_examples(measured.examples, chosen, cfg, out / FIGURE_NAME)
     print(table(metrics))
+    print("scores with 95% bootstrap intervals over the test images (docs/EVALUATION.md):")
+    print(scores.scores_table(scored, SOURCES))
     skipped = f", {counts['objects_skipped']} skipped (no patch centre inside)" if counts["objects_skipped"] else ""
     objects = (f"; {counts['objects_prompted']} objects prompted{skipped}" if "prompt_jaccard" in metrics["pretrained"]
                else "; no --instances: prompt and similarity metrics skipped")

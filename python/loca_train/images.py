@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from .config import UsageError
+from .photos import EVAL_SIZE, PhotoScenes
 
 # Side of the procedural images at full resolution (source_size 0).
 PROCEDURAL_NATIVE_SIZE = 320
@@ -103,11 +104,13 @@ class ImageFolder:
     Entries that cannot be read are found while listing (list_images): without `skip_bad` they
     stop here with one BadImage naming them, with it they are left out and kept in
     `bad_entries` (path: reason). Files that fail to decode, or hold more than `max_pixels`
-    pixels (None: MAX_IMAGE_PIXELS), raise BadImage when indexed."""
+    pixels (None: MAX_IMAGE_PIXELS), raise BadImage when indexed. `files`: the images to use
+    instead of every image under root (paths under root, e.g. those of a dataset's split list)."""
 
-    def __init__(self, root: str, size: int, skip_bad: bool = False, max_pixels: Optional[int] = None):
+    def __init__(self, root: str, size: int, skip_bad: bool = False, max_pixels: Optional[int] = None,
+                 files: Optional[list] = None):
         self.size, self.max_pixels = size, max_pixels
-        self.files, self.bad_entries = list_images(root)
+        self.files, self.bad_entries = list_images(root) if files is None else (sorted(str(p) for p in files), {})
         if self.bad_entries and not skip_bad:
             raise BadImage(f"--data {root}: {entries_in_words(self.bad_entries)}; "
                            f"--skip-bad-images skips them")
@@ -260,8 +263,9 @@ class SegmentationFolder(ImageFolder):
     SegmentationObject: 0 background, 1..n objects, 255 ignore). Every mask must exist and
     have its image's size: both are checked here, before any work, from the file headers."""
 
-    def __init__(self, root: str, size: int, masks: str, instances: Optional[str] = None):
-        super().__init__(root, size)
+    def __init__(self, root: str, size: int, masks: str, instances: Optional[str] = None,
+                 files: Optional[list] = None):
+        super().__init__(root, size, files=files)
         from PIL import Image
 
         self.root = Path(root)
@@ -315,9 +319,11 @@ class SegmentationFolder(ImageFolder):
         return image, instances, self._read_mask("--masks", index, size)
 
 
-def open_images(data, num_images: int, size: int, seed: int, skip_bad: bool = False):
-    """The image set a run trains on: ImageFolder(data, size, skip_bad) or the procedural set
-    when data is None."""
+def open_images(data, num_images: int, size: int, seed: int, skip_bad: bool = False, scenes: str = "shapes"):
+    """The image set a run trains on: ImageFolder(data, size, skip_bad), or when data is None the
+    built-in `scenes`: the procedural set or the photo scenes' train split (photos.py)."""
+    if data is None and scenes == "photos":
+        return PhotoScenes(num_images, size or EVAL_SIZE, seed, split="train")
     if data is None:
         return ProceduralImages(num_images, size or PROCEDURAL_NATIVE_SIZE, seed)
     if not os.path.isdir(data):

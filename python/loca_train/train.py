@@ -74,10 +74,11 @@ def check_run(cfg: Config, world_size: int):
     device, the output folder, the data. Raises UsageError; returns the image set."""
     _device_type(cfg)
     run_folder.check_folder(cfg.resume, cfg.overwrite, output_dir(cfg))
-    images = open_images(cfg.data, cfg.num_images, cfg.source_size, cfg.seed, cfg.skip_bad_images)
+    images = open_images(cfg.data, cfg.num_images, cfg.source_size, cfg.seed, cfg.skip_bad_images, cfg.scenes)
     if len(images) < cfg.batch_size * world_size:
         processes = f" x {world_size} processes" if world_size > 1 else ""
-        raise UsageError(f"{len(images)} images ({cfg.data or 'procedural set'}) are fewer than one "
+        source = cfg.data or ("photo scenes" if cfg.scenes == "photos" else "procedural set")
+        raise UsageError(f"{len(images)} images ({source}) are fewer than one "
                          f"batch ({cfg.batch_size}{processes})")
     return images
 

@@ -1,7 +1,8 @@
-"""The images of an evaluation (splits) and the feature sources measured on them."""
+"""The images of an evaluation (splits: procedural scenes, photo scenes, image folders with
+masks) and the feature sources measured on them."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, List, Optional
 
 import torch
@@ -10,6 +11,7 @@ import torch.nn.functional as F
 from ..config import Config, UsageError
 from ..images import SCENE_CLASSES, ProceduralImages, SegmentationFolder
 from ..objectives import objective_of
+from ..photos import EVAL_SIZE, PHOTO_CLASSES, PhotoScenes
 from ..views import normalize
 
 # The procedural evaluation split: the probe learns on the first images, every metric is
@@ -17,6 +19,10 @@ from ..views import normalize
 PROBE_IMAGES, TEST_IMAGES = 256, 128
 # The folder split: a fixed permutation (this seed) puts half the images in the probe's set.
 FOLDER_SPLIT_SEED = 0
+# The evaluation on photo scenes: patch grid (14 x 14 as a ViT/16 at 224) and the number of
+# scenes of each split.
+EVAL_GRID = 14
+PROBE_SCENES, VALIDATION_SCENES, TEST_SCENES = 256, 64, 128
 
 
 @dataclass
@@ -29,6 +35,7 @@ class EvalSplit:
     test: List[int]
     description: str
     class_names: Optional[tuple] = None     # None: class k is called "k"
+    validation: List[int] = field(default_factory=list)   # tuning (thresholds); empty: the probe's images
 
 
 def procedural_split(cfg: Config, probe_images: int = PROBE_IMAGES, test_images: int = TEST_IMAGES) -> EvalSplit:
@@ -38,6 +45,42 @@ def procedural_split(cfg: Config, probe_images: int = PROBE_IMAGES, test_images:
     return EvalSplit(dataset, list(range(probe_images)), list(range(probe_images, probe_images + test_images)),
                      f"{test_images} procedural evaluation scenes ({cfg.source_size} px), the probe "
                      f"trained on {probe_images} others", SCENE_CLASSES)
+
+
+class SplitScenes:
+    """Several scene sets one after another: index i of the whole is index i - start of its part.
+    Each scene is built once and kept (the evaluation reads every scene twice; 448 scenes of
+    112 px take 28 MB)."""
+
+    def __init__(self, *parts):
+        self.parts = parts
+        self.starts = [sum(len(p) for p in parts[:k]) for k in range(len(parts))]
+        self.built = {}
+
+    def __len__(self) -> int:
+        return sum(len(p) for p in self.parts)
+
+    def scene(self, index: int):
+        if index not in self.built:
+            k = max(k for k, start in enumerate(self.starts) if start <= index)
+            self.built[index] = self.parts[k].scene(index - self.starts[k])
+        return self.built[index]
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return self.scene(index)[0]
+
+
+def photo_split(probe: int = PROBE_SCENES, validation: int = VALIDATION_SCENES, test: int = TEST_SCENES,
+                size: int = EVAL_SIZE) -> EvalSplit:
+    """The evaluation on photo scenes (photos.py): the probe trains on train-split scenes,
+    thresholds are chosen on validation scenes, every score is measured on test scenes; the
+    same for every run seed."""
+    dataset = SplitScenes(PhotoScenes(probe, size, split="train"), PhotoScenes(validation, size, split="validation"),
+                          PhotoScenes(test, size, split="test"))
+    return EvalSplit(dataset, list(range(probe)), list(range(probe + validation, probe + validation + test)),
+                     f"{test} photo test scenes ({size} px), thresholds chosen on {validation} validation scenes, "
+                     f"the probe trained on {probe} train scenes", PHOTO_CLASSES,
+                     validation=list(range(probe, probe + validation)))
 
 
 def folder_split(cfg: Config, data: str, masks: str, instances: Optional[str] = None) -> EvalSplit:

@@ -8,7 +8,8 @@ from PIL import Image, ImageDraw
 
 from ..config import Config
 
-SOURCES = {"pretrained": "pretrained", "random_init": "random init", "raw_pixels": "raw pixels"}
+SOURCES = {"pretrained": "pretrained", "teacher": "teacher", "student": "student", "random_init": "random init",
+           "raw_pixels": "raw pixels", "noise": "noise", "position": "position", "colour": "colour", "ideal": "ideal"}
 
 
 _ROWS = {"prompt_jaccard": "prompt Jaccard", "prompt_threshold": "  threshold chosen",
@@ -55,7 +56,7 @@ def draw_examples(shown: list, metrics: dict, cfg: Config, path: Path, scale: in
     columns = ["image + prompt", "object"]
     for name in names:
         t = metrics[name]["prompt_threshold"]
-        columns += [f"{SOURCES[name]}: similarity", f"mask (> {t:.1f})"]
+        columns += [f"{SOURCES[name]}: similarity", f"mask (> {t:.2f})"]
     sheet = Image.new("RGB", (len(columns) * (cell_w + pad) + pad, header + len(shown) * (cell_h + pad)), "white")
     draw = ImageDraw.Draw(sheet)
     for c, title in enumerate(columns):

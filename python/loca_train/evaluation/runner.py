@@ -59,7 +59,7 @@ def _batches(indices: List[int], size: int):
 
 
 @contextmanager
-def _threads(count: int):
+def torch_threads(count: int):
     """torch's intra-op threads set to `count` inside the block."""
     before = torch.get_num_threads()
     torch.set_num_threads(count)
@@ -69,14 +69,17 @@ def _threads(count: int):
         torch.set_num_threads(before)
 
 
-def _scenes_and_features(split: EvalSplit, indices, sources, cfg, device, batch_size, bar, what, threads):
+def scenes_and_features(split: EvalSplit, indices, sources, cfg, device, batch_size, bar, what, threads):
     """Yield (scene, {source: features (g, g, dim) on the CPU}) for each index, in batches; the
     networks run on `threads` threads."""
+    grid = (cfg.image_size // cfg.patch_size,) * 2
     for chunk in _batches(indices, batch_size):
         scenes = [split.dataset.scene(i) for i in chunk]
         x = torch.stack([network_input(scene[0], cfg) for scene in scenes]).to(device)
-        with torch.no_grad(), _threads(threads):
-            features = {name: fn(x).float().cpu() for name, fn in sources.items()}
+        with torch.no_grad(), torch_threads(threads):
+            # The ideal control (controls.TruthFeatures) is made from the scenes' ground truth.
+            features = {name: (fn(scenes, grid) if getattr(fn, "needs_truth", False) else fn(x)).float().cpu()
+                        for name, fn in sources.items()}
         bar.advance(len(chunk), what)
         for k, scene in enumerate(scenes):
             yield scene, {name: f[k] for name, f in features.items()}
@@ -90,16 +93,16 @@ def evaluate(sources: Dict[str, Callable], split: EvalSplit, cfg: Config, device
     # The metrics work on small tensors, where more threads only add synchronisation (and,
     # on a busy machine, waits of many milliseconds): they run on one thread, the networks on all.
     threads = torch.get_num_threads()
-    with _threads(1):
+    with torch_threads(1):
         bar = Progress(len(split.probe) + len(split.test), progress)
         return _evaluate(sources, split, cfg, device, batch_size, bar, examples, threads)
 
 
 def _evaluate(sources, split, cfg, device, batch_size, bar, examples, threads):
     def scenes(indices, what):
-        return _scenes_and_features(split, indices, sources, cfg, device, batch_size, bar, what, threads)
+        return scenes_and_features(split, indices, sources, cfg, device, batch_size, bar, what, threads)
 
-    probes, probe_patches, num_classes = _train_probes(scenes(split.probe, "probe"), cfg, split.description)
+    probes, probe_patches, num_classes = train_probes(scenes(split.probe, "probe"), cfg, split.description)
     counts = {"probe_images": len(split.probe), "probe_patches": probe_patches, "test_images": len(split.test),
               "objects_prompted": 0, "objects_skipped": 0, "objects_per_image": []}
     acc, shown = _measure(scenes(split.test, "metrics"), probes, counts, examples)
@@ -114,7 +117,7 @@ def _evaluate(sources, split, cfg, device, batch_size, bar, examples, threads):
     return metrics, counts, shown
 
 
-def _train_probes(scenes, cfg: Config, description: str):
+def train_probes(scenes, cfg: Config, description: str):
     """Step 1: each source's probe learns per-patch majority classes on the probe images.
     Returns (probes {source: LinearProbe}, the number of labelled patches, the number of classes)."""
     grid = (cfg.image_size // cfg.patch_size,) * 2
