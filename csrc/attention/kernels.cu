@@ -179,6 +179,24 @@ __device__ inline void accumulator_as_a(uint32_t (&a)[4], const float (&acc)[NT]
   a[3] = pack<Ty>(acc[2 * kt + 1][2], acc[2 * kt + 1][3]);
 }
 
+// acc (rows x D) += P (rows x NT * 8, accumulators of the score tiles) times a shared tile of
+// NT * 8 rows of D elements: P V in the forward pass, dS K for dQ.
+template <class Ty, int D, int NT>
+__device__ inline void accumulate_scores_times_tile(float (&acc)[D / 8][4], const float (&scores)[NT][4],
+                                                    const uint16_t* tile, int stride, const Lane& lane) {
+#pragma unroll
+  for (int kt = 0; kt < NT / 2; ++kt) {
+    uint32_t a[4];
+    accumulator_as_a<Ty>(a, scores, kt);
+#pragma unroll
+    for (int jd = 0; jd < D / 8; ++jd) {
+      uint32_t b0, b1;
+      load_b_kn(b0, b1, tile, stride, kt * 16, jd * 8, lane);
+      Ty::mma(acc[jd], a, b0, b1);
+    }
+  }
+}
+
 // Copy `rows` rows of D elements into a shared tile (row stride D + kPad); source_of(r) gives
 // the global row or nullptr for a zero row. `vec`: every row is 16-byte aligned.
 template <int D, class SourceOf>
@@ -407,17 +425,7 @@ __global__ void __launch_bounds__(kThreads) forward_mma_kernel(const AttentionFo
         sc[j][e] = exp2f(sc[j][e] - m[e >> 1]);
         l[e >> 1] += sc[j][e];
       }
-#pragma unroll
-    for (int kt = 0; kt < kKeys / 16; ++kt) {
-      uint32_t a[4];
-      accumulator_as_a<Ty>(a, sc, kt);
-#pragma unroll
-      for (int jd = 0; jd < D / 8; ++jd) {
-        uint32_t b0, b1;
-        load_b_kn(b0, b1, v_tile, kStride, kt * 16, jd * 8, lane);
-        Ty::mma(o[jd], a, b0, b1);
-      }
-    }
+    accumulate_scores_times_tile<Ty, D>(o, sc, v_tile, kStride, lane);
   }
 
   float inv_l[2];
@@ -539,17 +547,7 @@ __global__ void __launch_bounds__(kThreads) grad_q_mma_kernel(const AttentionBac
         const float prob = pos < row.count ? exp2f(sc[j][e] * scale2 - lse2[e >> 1]) : 0.f;
         sc[j][e] = prob * (dp[j][e] - delta[e >> 1]);
       }
-#pragma unroll
-    for (int kt = 0; kt < kKeys / 16; ++kt) {
-      uint32_t a[4];
-      accumulator_as_a<Ty>(a, sc, kt);
-#pragma unroll
-      for (int jd = 0; jd < D / 8; ++jd) {
-        uint32_t b0, b1;
-        load_b_kn(b0, b1, k_tile, kStride, kt * 16, jd * 8, lane);
-        Ty::mma(dq[jd], a, b0, b1);
-      }
-    }
+    accumulate_scores_times_tile<Ty, D>(dq, sc, k_tile, kStride, lane);
   }
 
   __syncthreads();
