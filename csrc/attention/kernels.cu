@@ -179,6 +179,22 @@ __device__ inline void accumulator_as_a(uint32_t (&a)[4], const float (&acc)[NT]
   a[3] = pack<Ty>(acc[2 * kt + 1][2], acc[2 * kt + 1][3]);
 }
 
+// acc (rows x NT * 8) += A (rows x D, fragments) times the transpose of a shared tile of NT * 8
+// rows of D elements: S = Q K^T, dP = dO V^T.
+template <class Ty, int D, int NT>
+__device__ inline void accumulate_fragments_times_tile_t(float (&acc)[NT][4], const uint32_t (&frag)[D / 16][4],
+                                                         const uint16_t* tile, int stride, const Lane& lane) {
+#pragma unroll
+  for (int j = 0; j < NT; ++j) {
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) {
+      uint32_t b0, b1;
+      load_b_nk(b0, b1, tile, stride, j * 8, kk * 16, lane);
+      Ty::mma(acc[j], frag[kk], b0, b1);
+    }
+  }
+}
+
 // acc (rows x D) += P (rows x NT * 8, accumulators of the score tiles) times a shared tile of
 // NT * 8 rows of D elements: P V in the forward pass, dS K for dQ.
 template <class Ty, int D, int NT>
@@ -385,15 +401,7 @@ __global__ void __launch_bounds__(kThreads) forward_mma_kernel(const AttentionFo
 
     float sc[kKeys / 8][4];
     zero(sc);
-#pragma unroll
-    for (int j = 0; j < kKeys / 8; ++j) {
-#pragma unroll
-      for (int kk = 0; kk < D / 16; ++kk) {
-        uint32_t b0, b1;
-        load_b_nk(b0, b1, k_tile, kStride, j * 8, kk * 16, lane);
-        Ty::mma(sc[j], q_frag[kk], b0, b1);
-      }
-    }
+    accumulate_fragments_times_tile_t<Ty, D>(sc, q_frag, k_tile, kStride, lane);
     // Key p0 is visible to every row of the tile (one keep row per query batch row), so the
     // new maximum is finite.
     float m_new[2] = {m[0], m[1]};
@@ -527,17 +535,8 @@ __global__ void __launch_bounds__(kThreads) grad_q_mma_kernel(const AttentionBac
     float sc[kKeys / 8][4], dp[kKeys / 8][4];
     zero(sc);
     zero(dp);
-#pragma unroll
-    for (int j = 0; j < kKeys / 8; ++j) {
-#pragma unroll
-      for (int kk = 0; kk < D / 16; ++kk) {
-        uint32_t b0, b1;
-        load_b_nk(b0, b1, k_tile, kStride, j * 8, kk * 16, lane);
-        Ty::mma(sc[j], q_frag[kk], b0, b1);
-        load_b_nk(b0, b1, v_tile, kStride, j * 8, kk * 16, lane);
-        Ty::mma(dp[j], do_frag[kk], b0, b1);
-      }
-    }
+    accumulate_fragments_times_tile_t<Ty, D>(sc, q_frag, k_tile, kStride, lane);
+    accumulate_fragments_times_tile_t<Ty, D>(dp, do_frag, v_tile, kStride, lane);
     // dS = P * (dP - delta), P recomputed from lse; kept in sc.
 #pragma unroll
     for (int j = 0; j < kKeys / 8; ++j)
