@@ -368,10 +368,11 @@ def test_the_first_sigterm_stops_a_run_after_its_step(tmp_path, num_workers, to_
     assert process.returncode == 128 + signal.SIGTERM and "Traceback" not in stderr, stderr
     summary = json.loads((out / "summary.json").read_text())
     assert summary["interrupted"] == signal.SIGTERM and summary["skipped_images"] == 3
-    # At most the step under way when the signal came is finished, and the checkpoint is at
-    # the step after the last one logged: nothing done is lost.
+    # At most two more steps are finished: the one under way when the signal came, and the next,
+    # whose all-reduce tells every rank to stop (train._step reads the request when it starts).
+    # The checkpoint is at the step after the last one logged: nothing done is lost.
     steps_done = log.read_text().count("\n")
-    assert logged <= steps_done <= logged + 1
+    assert logged <= steps_done <= logged + 2
     assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == steps_done
 
 
