@@ -116,6 +116,17 @@ def test_objective_trains_resumes_exactly_and_evaluates(objective, tmp_path, mon
         train(_cfg(other, **settings, output_dir=str(straight), resume=True))
 
 
+@pytest.mark.parametrize("objective", ("loca",) + tuple(sorted(SETTINGS)))
+def test_every_objective_trains_on_the_photo_scenes(objective, tmp_path):
+    # --scenes photos once failed before its first step (its scenes lacked bad_entries).
+    cfg = preset("tiny", **{**MICRO, **SETTINGS.get(objective, {}), "objective": objective, "scenes": "photos",
+                            "steps": 2, "output_dir": str(tmp_path)})
+    train_module.train(cfg)
+    records = _records(tmp_path / "log.jsonl")
+    assert [r["step"] for r in records] == [0, 1]
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in records)
+
+
 def test_queues_and_centre_are_checkpointed_state(tmp_path):
     # DenseCL enqueues one key per image and step, MMC two (both global views).
     for objective, keys, names in (("densecl", 4, ("queue_global", "queue_dense", "queue_ptr")),

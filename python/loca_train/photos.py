@@ -121,6 +121,7 @@ class PhotoScenes:
             raise ValueError(f"PhotoScenes: size must be >= 16 pixels, got {size}")
         require_scikit_image()
         self.num_images, self.size, self.seed, self.split = num_images, size, seed, split
+        self.bad_entries = {}   # as ImageFolder's: nothing here is unreadable
 
     def __len__(self) -> int:
         return self.num_images
