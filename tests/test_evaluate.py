@@ -304,10 +304,20 @@ def test_evaluate_errors_are_one_line(run, tmp_path, capsys, args, message):
     assert exit_.value.code == 2 and err.count("\n") == 1 and message.format(tmp=tmp_path) in err, err
 
 
-def test_eval_every_needs_the_procedural_set(tmp_path, capsys):
+def test_eval_every_on_the_photo_scenes_reads_train_and_validation_scenes_only(tmp_path):
+    cfg = preset("tiny", **MICRO, scenes="photos")
+    split, eval_cfg = ev_data.monitoring_split(cfg, 4)
+    assert [part.split for part in split.dataset.parts] == ["train", "validation"]
+    assert split.test == [8, 9, 10, 11] and eval_cfg.image_size == ev_data.EVAL_GRID * cfg.patch_size
+    assert cli.main(_cli_args(**MICRO, scenes="photos", steps=2, eval_every=2, eval_images=2,
+                              output_dir=tmp_path / "run")) == 0
+    assert "eval_probe_miou" in _records(tmp_path / "run" / "log.jsonl")[-1]
+
+
+def test_eval_every_needs_a_built_in_scene_set(tmp_path, capsys):
     with pytest.raises(SystemExit):
         cli.main(_cli_args(**MICRO, steps=1, eval_every=1, data=tmp_path, output_dir=tmp_path / "run"))
-    assert "--eval-every needs the procedural set's ground truth" in capsys.readouterr().err
+    assert "--eval-every needs a built-in scene set's ground truth" in capsys.readouterr().err
 
 
 def test_plot_draws_curves(run, tmp_path, capsys, monkeypatch):

@@ -155,7 +155,9 @@ class Config:
                                            "summary.json) instead of stopping")
     log_every: int = setting(10, "period of the progress line and of the step whose kernel time is measured")
     eval_every: int = setting(0, "steps between evaluations of the teacher's dense features (the metrics of "
-                                 "python -m loca_train.evaluate, procedural set only) logged in log.jsonl; 0: off")
+                                 "python -m loca_train.evaluate on a built-in scene set: --scenes photos, its "
+                                 "validation scenes; shapes, the procedural evaluation scenes) logged in "
+                                 "log.jsonl; 0: off")
     eval_images: int = setting(128, "--eval-every: evaluation scenes measured (the probe trains on twice as many)")
     progress: bool = setting(True, "show a progress bar")
 
@@ -337,8 +339,8 @@ def validate(cfg: Config) -> None:
     if cfg.eval_every < 0:
         raise UsageError(f"eval_every must be >= 0, got {cfg.eval_every}")
     if cfg.eval_every and cfg.data is not None:
-        raise UsageError("--eval-every needs the procedural set's ground truth; evaluate runs on --data with "
-                         "python -m loca_train.evaluate --data DIR --masks DIR")
+        raise UsageError("--eval-every needs a built-in scene set's ground truth (--scenes); evaluate runs on "
+                         "--data with python -m loca_train.evaluate --data DIR --masks DIR")
     if cfg.eval_images < 2:
         raise UsageError(f"eval_images must be >= 2, got {cfg.eval_images}")
     for name in resume_changes(cfg):

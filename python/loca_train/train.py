@@ -20,9 +20,10 @@ from loca_kernels.distributed import objects_of_ranks
 from . import checkpoint, run_folder
 from .batches import batch_loader
 from .config import Config, UsageError, resume_changes
-from .evaluation.data import procedural_split
+from .evaluation.data import monitoring_split
 from .evaluation.runner import training_metrics
 from .images import ImageFolder, entries_in_words, open_images
+from .photos import PhotoScenes
 from .monitor import KernelTimer, ProgressBar, format_duration, kernels_in_words, summary, versions
 from .networks import ema_teacher
 from .objectives import Objective, objective_of
@@ -119,6 +120,8 @@ def output_dir(cfg: Config) -> Path:
 def _banner(cfg: Config, world_size: int, device: torch.device, images, out: Path, start_step: int) -> str:
     if isinstance(images, ImageFolder):
         data = f"{len(images)} images from {cfg.data}"
+    elif isinstance(images, PhotoScenes):
+        data = f"{len(images)} photo scenes (built in, their train split, {images.size} px)"
     else:
         data = f"{len(images)} procedural images (built in, {cfg.source_size} px)"
     run = f"resuming at step {start_step} of {cfg.steps}" if start_step else f"{cfg.steps} steps"
@@ -296,7 +299,8 @@ def _steps(run: Run, lock: run_folder.RunLock):
     loader = batch_loader(run.images, cfg, run.start_step, run.rank, run.world_size)
     log = lock.closes(run_folder.StepLog(run.out / LOG_NAME, run.start_step)) if run.rank == 0 else None
     bar = ProgressBar(cfg.steps, run.start_step, cfg.log_every, cfg.progress and run.rank == 0)
-    eval_split = procedural_split(cfg, 2 * cfg.eval_images, cfg.eval_images) if cfg.eval_every else None
+    # --eval-every reads training and validation scenes only, never the test scenes.
+    eval_split = monitoring_split(cfg, cfg.eval_images) if cfg.eval_every else None
     records, stopped, step = [], 0, run.start_step
     with StopRequest() as stop_request:
         t_ready = time.perf_counter()
@@ -364,7 +368,8 @@ def _eval_due(cfg: Config, step: int) -> bool:
 def _evaluate(run: Run, record: dict, step: int, eval_split) -> None:
     """--eval-every: the teacher encoder's headline metrics added to the step's record."""
     t_eval = time.perf_counter()
-    record.update(training_metrics(run.teacher.encoder, run.cfg, run.device, eval_split))
+    split, eval_cfg = eval_split
+    record.update(training_metrics(run.teacher.encoder, eval_cfg, run.device, split))
     record["time_eval"] = time.perf_counter() - t_eval
     if run.cfg.progress:
         print(f"loca_train: eval at step {step + 1}: " + ", ".join(

@@ -2,6 +2,7 @@
 masks) and the feature sources measured on them."""
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Callable, List, Optional
 
@@ -81,6 +82,22 @@ def photo_split(probe: int = PROBE_SCENES, validation: int = VALIDATION_SCENES, 
                      f"{test} photo test scenes ({size} px), thresholds chosen on {validation} validation scenes, "
                      f"the probe trained on {probe} train scenes", PHOTO_CLASSES,
                      validation=list(range(probe, probe + validation)))
+
+
+def monitoring_split(cfg: Config, images: int):
+    """(the split, the config the networks see) of training's --eval-every, which reads no test
+    image: on the photo scenes (--scenes photos) the probe trains on 2 x `images` train scenes and
+    the metrics are measured on `images` validation scenes, on evaluate's EVAL_GRID patch grid;
+    otherwise the procedural evaluation split."""
+    if cfg.scenes != "photos":
+        return procedural_split(cfg, 2 * images, images), cfg
+    probe = 2 * images
+    dataset = SplitScenes(PhotoScenes(probe, EVAL_SIZE, split="train"),
+                          PhotoScenes(images, EVAL_SIZE, split="validation"))
+    split = EvalSplit(dataset, list(range(probe)), list(range(probe, probe + images)),
+                      f"{images} photo validation scenes ({EVAL_SIZE} px), the probe trained on {probe} train "
+                      f"scenes", PHOTO_CLASSES)
+    return split, dataclasses.replace(cfg, image_size=EVAL_GRID * cfg.patch_size)
 
 
 def folder_split(cfg: Config, data: str, masks: str, instances: Optional[str] = None) -> EvalSplit:

@@ -13,7 +13,7 @@ import torch
 from ..config import Config, UsageError
 from ..images import IGNORE_LABEL
 from ..monitor import format_duration
-from .data import EvalSplit, encoder_features, network_input, procedural_split
+from .data import EvalSplit, encoder_features, network_input
 from .metrics import (HEADLINE, confusion_matrix, iou_per_class, patch_majority, prompt_segmentation,
                       region_pair_similarities, roc_auc, threshold_choice, upsample)
 from .probe import train_probe
@@ -192,10 +192,10 @@ def _summary(a: "_Accumulator", selection: int, names) -> dict:
     return m
 
 
-def training_metrics(encoder: torch.nn.Module, cfg: Config, device, split: Optional[EvalSplit] = None) -> dict:
-    """The headline metrics of `encoder` alone (no baselines, no figure), as log.jsonl fields
-    eval_*; used by training's --eval-every. Draws no random number."""
-    split = split or procedural_split(cfg)
+def training_metrics(encoder: torch.nn.Module, cfg: Config, device, split: EvalSplit) -> dict:
+    """The headline metrics of `encoder` alone (no baselines, no figure) on `split` (its networks
+    seeing cfg's image_size), as log.jsonl fields eval_*; used by training's --eval-every (on
+    data.monitoring_split). Draws no random number."""
     was_training = encoder.training
     encoder.eval()
     try:
