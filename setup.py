@@ -63,9 +63,8 @@ setup(
     cmdclass={"build_ext": CMakeBuild},
     python_requires=">=3.10",
     # pillow: the trainer reads image folders and the evaluation draws eval.png with it.
-    install_requires=["torch>=2.10", "numpy", "pillow"],
-    # plot: python -m loca_train.plot and benchmarks/report.py, checked before they read anything;
-    # eval: the photo scenes (scikit-image's bundled photographs), checked before any work.
-    extras_require={"plot": ["matplotlib"], "eval": ["scikit-image"],
-                    "test": ["pytest", "pytest-benchmark", "triton", "scikit-image"]},
+    # scikit-image: the photo scenes (its bundled photographs), the default training and evaluation set.
+    install_requires=["torch>=2.10", "numpy", "pillow", "scikit-image"],
+    # plot: python -m loca_train.plot and benchmarks/report.py, checked before they read anything.
+    extras_require={"plot": ["matplotlib"], "test": ["pytest", "pytest-benchmark", "triton"]},
 )

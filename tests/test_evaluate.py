@@ -305,11 +305,11 @@ def test_evaluate_errors_are_one_line(run, tmp_path, capsys, args, message):
 
 
 def test_eval_every_on_the_photo_scenes_reads_train_and_validation_scenes_only(tmp_path):
-    cfg = preset("tiny", **MICRO, scenes="photos")
+    cfg = preset("tiny", **dict(MICRO, scenes="photos"))
     split, eval_cfg = ev_data.monitoring_split(cfg, 4)
     assert [part.split for part in split.dataset.parts] == ["train", "validation"]
     assert split.test == [8, 9, 10, 11] and eval_cfg.image_size == ev_data.EVAL_GRID * cfg.patch_size
-    assert cli.main(_cli_args(**MICRO, scenes="photos", steps=2, eval_every=2, eval_images=2,
+    assert cli.main(_cli_args(**dict(MICRO, scenes="photos"), steps=2, eval_every=2, eval_images=2,
                               output_dir=tmp_path / "run")) == 0
     assert "eval_probe_miou" in _records(tmp_path / "run" / "log.jsonl")[-1]
 

@@ -36,9 +36,10 @@ class Config:
     # Data: None = a built-in image set (--scenes); else an ImageFolder-style directory.
     data: Optional[str] = setting(None, "ImageFolder-style directory of images (class sub-folders); "
                                         "default: the built-in set --scenes names")
-    scenes: str = setting("shapes", "built-in set when --data is not given: shapes (procedural) or photos "
-                                    "(textures cut from scikit-image's photographs, their train split; "
-                                    "docs/EVALUATION.md)", choices=("shapes", "photos"))
+    scenes: str = setting("photos", "built-in set when --data is not given: photos (textures cut from "
+                                    "scikit-image's photographs, their train split; the set python -m "
+                                    "loca_train.evaluate measures, on its test split; docs/EVALUATION.md) or "
+                                    "shapes (procedural rectangles and ellipses)", choices=("shapes", "photos"))
     num_images: int = setting(2048, "size of the built-in set")
     source_size: int = setting(64, "longest side of a source image before cropping (pixels); 0: full "
                                    "resolution, crops cut from the original image and resized after "
@@ -130,7 +131,9 @@ class Config:
     contrast_weight: float = setting(1.0, "mmc: weight of the global contrast term")
     # Optimisation.
     batch_size: int = setting(32, "images per process and step")
-    steps: int = setting(200, "optimiser steps")
+    # tiny: the comparison of docs/RESULTS.md (8000 images seen), and the main job within 10
+    # minutes on 2 CPU cores with its evaluation.
+    steps: int = setting(250, "optimiser steps")
     warmup_steps: int = setting(20, "linear learning-rate warm-up steps, then cosine decay")
     lr: float = setting(2e-3, "peak learning rate (AdamW)")
     lr_reference_batch: int = setting(0, "if > 0, the peak rate is lr * global batch / lr_reference_batch")

@@ -44,7 +44,6 @@ from .evaluation.report import SOURCES, draw_examples, table
 from .evaluation.runner import evaluate
 from .evaluation.voc import is_voc_root, voc_split
 from .images import IGNORE_LABEL
-from .photos import require_scikit_image
 
 EVAL_NAME, FIGURE_NAME = "eval.json", "eval.png"
 
@@ -129,7 +128,6 @@ def _split(args, cfg):
     if args.data:
         return folder_split(cfg, args.data, args.masks, args.instances), cfg
     if args.scenes == "photos":
-        require_scikit_image()
         split = photo_split(args.probe_images, args.test_images // 2, args.test_images)
         return split, dataclasses.replace(cfg, image_size=EVAL_GRID * cfg.patch_size)
     return procedural_split(cfg, args.probe_images, args.test_images), cfg

@@ -27,14 +27,8 @@ from typing import Tuple
 import numpy as np
 import torch
 import torch.nn.functional as F
-
-from .config import UsageError
-
-try:        # optional (the eval extra): its absence is a one-line error when a scene set is made
-    from skimage import data as skimage_data
-    from skimage.measure import label as connected_parts
-except ImportError:
-    skimage_data = connected_parts = None
+from skimage import data as skimage_data
+from skimage.measure import label as connected_parts
 
 # Classes 1..5 (0: background and distractors): the textures of scikit-image's data module.
 OBJECT_TEXTURES = ("brick", "grass", "gravel", "text", "coins")
@@ -56,13 +50,6 @@ PALETTE = torch.tensor([[0.85, 0.2, 0.2], [0.2, 0.6, 0.25], [0.2, 0.35, 0.85], [
 # pixels per scene pixel at REFERENCE_SIZE) at which textures are cut.
 OBJECT_BOX, ZOOM, REFERENCE_SIZE = (0.22, 0.5), (1.0, 2.0), 112
 CLASSES_PER_SCENE, INSTANCES_PER_CLASS, DISTRACTORS, SCENE_COLOURS = 2, (2, 3), (1, 3), 3
-
-
-def require_scikit_image() -> None:
-    """A one-line UsageError when scikit-image, which holds the photographs, is not installed."""
-    if skimage_data is None:
-        raise UsageError("the photo scenes need scikit-image (pip install scikit-image, or the eval extra); "
-                         "--scenes shapes uses the procedural scenes")
 
 
 @functools.lru_cache(maxsize=None)
@@ -119,7 +106,6 @@ class PhotoScenes:
             raise ValueError(f"PhotoScenes: split must be one of {', '.join(SPLIT_BANDS)}, got {split!r}")
         if size < 16:
             raise ValueError(f"PhotoScenes: size must be >= 16 pixels, got {size}")
-        require_scikit_image()
         self.num_images, self.size, self.seed, self.split = num_images, size, seed, split
         self.bad_entries = {}   # as ImageFolder's: nothing here is unreadable
 
