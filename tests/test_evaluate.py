@@ -260,22 +260,21 @@ def test_evaluate_command_writes_json_png_and_table(run, tmp_path, capsys):
             "--examples", "2", "--no-progress"]
     assert ev.main(args) == 0
     stdout = capsys.readouterr().out
-    assert "pretrained  random init   raw pixels" in stdout and "probe mIoU" in stdout
+    assert "teacher" in stdout and "random init" in stdout and "probe_miou" in stdout
     result = json.loads((out / "eval.json").read_text())
-    assert set(result["metrics"]) == {"pretrained", "random_init", "raw_pixels"}
-    for metrics in result["metrics"].values():
-        assert 0 <= metrics["probe_miou"] <= 1 and 0 <= metrics["similarity_auc"] <= 1
-        assert metrics["prompt_threshold"] in ev_metrics.THRESHOLDS
-        assert len(metrics["prompt_jaccard_per_threshold"]) == 10
-    assert result["split"]["probe_images"] == 8 and result["split"]["test_images"] == 4
-    assert result["split"]["threshold_selection_images"] == 2 and result["step"] == 3
+    assert set(result["scores"]) == {"teacher", "student", "random_init", "raw_pixels", "noise", "position",
+                                     "colour", "ideal"}
+    for source in result["scores"].values():
+        assert 0 <= source["probe_miou"]["value"] <= 1 and 0 <= source["prompt_object_auroc"]["value"] <= 1
+    assert result["scores_split"]["probe_images"] == 8 and result["scores_split"]["test_images"] == 4
+    assert result["scores_split"]["validation_images"] == 2 and result["step"] == 3
     assert "git_commit" in result["versions"] and result["run_versions"]["torch"] == torch.__version__
     with Image.open(out / "eval.png") as figure:
         assert figure.size[0] > figure.size[1] > 0
-    # --checkpoint and --which student write beside the checkpoint by default.
-    assert ev.main(["--checkpoint", str(run / "checkpoint.pt"), "--which", "student", "--probe-images", "4",
-                    "--test-images", "2", "--examples", "0", "--no-progress"]) == 0
-    assert json.loads((run / "eval.json").read_text())["which"] == "student"
+    # --checkpoint writes beside the checkpoint by default.
+    assert ev.main(["--checkpoint", str(run / "checkpoint.pt"), "--probe-images", "4", "--test-images", "2",
+                    "--examples", "0", "--no-progress"]) == 0
+    assert json.loads((run / "eval.json").read_text())["scores_split"]["test_images"] == 2
 
 
 def test_evaluate_on_a_mask_folder(run, tmp_path, capsys):
@@ -284,10 +283,10 @@ def test_evaluate_on_a_mask_folder(run, tmp_path, capsys):
             "--no-progress"]
     assert ev.main(args) == 0
     result = json.loads((tmp_path / "eval.json").read_text())
-    assert "prompt_jaccard" not in result["metrics"]["pretrained"]           # no --instances
+    assert "prompt_object_jaccard" not in result["scores"]["teacher"]           # no --instances
     assert "no --instances" in capsys.readouterr().out
     assert ev.main(args + ["--instances", str(objects)]) == 0
-    assert "prompt_jaccard" in json.loads((tmp_path / "eval.json").read_text())["metrics"]["raw_pixels"]
+    assert "prompt_object_jaccard" in json.loads((tmp_path / "eval.json").read_text())["scores"]["raw_pixels"]
 
 
 @pytest.mark.parametrize("args, message", [

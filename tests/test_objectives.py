@@ -108,7 +108,7 @@ def test_objective_trains_resumes_exactly_and_evaluates(objective, tmp_path, mon
     out = tmp_path / "eval"
     assert ev.main(["--run-dir", str(straight), "--probe-images", "4", "--test-images", "2", "--examples", "0",
                     "--no-progress", "--output-dir", str(out)]) == 0
-    assert "pretrained" in json.loads((out / "eval.json").read_text())["metrics"]
+    assert "teacher" in json.loads((out / "eval.json").read_text())["scores"]
     capsys.readouterr()
 
     other = "mmc" if objective != "mmc" else "gtsa"

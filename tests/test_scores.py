@@ -195,7 +195,7 @@ def test_evaluate_a_voc_folder(tmp_path, capsys):
     assert ev.main(["--run-dir", str(run), "--data", str(voc), "--output-dir", str(out), "--no-progress",
                     "--examples", "1"]) == 0
     result = json.loads((out / "eval.json").read_text())
-    assert "3 VOC val images" in result["data"] and result["split"]["test_images"] == 3
+    assert "3 VOC val images" in result["data"] and result["scores_split"]["test_images"] == 3
     assert result["scores_split"]["probe_images"] == 3
     assert set(result["scores"]) == {"teacher", "student", "random_init", "raw_pixels", "noise", "position",
                                      "colour", "ideal"}

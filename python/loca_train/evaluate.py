@@ -1,23 +1,22 @@
 """`python -m loca_train.evaluate --run-dir R | --checkpoint C`: does a run's encoder give dense
 features that segment? (`--combine EVAL_JSON...`: the scores of several runs pooled.)
 
-Three evaluations of the encoder's final patch tokens, none of which finetunes the encoder
-(the protocol, fixed here, is written out in docs/EVALUATION.md):
+The run's teacher and student encoders' final patch tokens are measured, without finetuning,
+beside the same network at random initialisation, raw pixels and four controls (noise, a fixed
+position code, the mean colour, the true labels), on the same images (the protocol, fixed
+here, is written out in docs/EVALUATION.md; evaluation/scores.py):
 
-- zero-shot prompt segmentation (MMC, Wu et al. 2023): the cosine similarity of one prompt
-  patch inside an object with every patch, upsampled and thresholded, against the object's
-  mask (Jaccard); the threshold is chosen on one half of the test images, reported on the other;
-- intra- versus inter-object similarity: the mean cosine of patch pairs within one region and
-  across two, and the ROC AUC of telling them apart;
-- a linear probe: a linear classifier of the patch tokens trained on per-patch majority
-  labels, its logits upsampled, mIoU on held-out images.
+- zero-shot prompt segmentation (MMC, Wu et al. 2023) of the prompted object and of its class:
+  the cosine similarity of one prompt patch with every patch, upsampled; its Jaccard at the
+  threshold chosen on validation images, its AUROC and its best Jaccard over thresholds;
+- intra- versus inter-region similarity: mean cosines and ROC AUCs, with and without the
+  background and at matched distances;
+- a linear probe's mIoU.
 
-Every report holds two baselines computed in the same run: the same network at its random
-initialisation and raw pixels (each patch's RGB values as its feature). Beside them, the
-scores with controls (noise, position, colour, ideal), thresholds chosen on validation images
-and bootstrap intervals (evaluation/scores.py) of the teacher and the student. By default the
-images are photo scenes (photos.py) measured on a 14 x 14 patch grid. Results go to eval.json
-and eval.png (examples); the command prints the tables.
+Every score has a 95% bootstrap interval over the test images and is normalised between noise
+(0) and the true labels (1); differences with random init and the controls are paired. By
+default the images are photo scenes (photos.py) measured on a 14 x 14 patch grid. Results go
+to eval.json and eval.png (examples); the command prints the table.
 """
 from __future__ import annotations
 
@@ -36,12 +35,9 @@ from .config import Parser, UsageError, config_from_dict, usage_error
 from .monitor import format_duration, versions
 from .objectives import objective_of
 from .evaluation import scores
-from .evaluation.data import (EVAL_GRID, PROBE_IMAGES, TEST_IMAGES, encoder_features, folder_split, photo_split,
-                              procedural_split, random_init_encoder, raw_pixel_features)
-from .evaluation.metrics import THRESHOLDS
+from .evaluation.data import EVAL_GRID, PROBE_IMAGES, TEST_IMAGES, folder_split, photo_split, procedural_split
 from .evaluation.probe import PROBE_ITERATIONS, PROBE_WEIGHT_DECAY
-from .evaluation.report import SOURCES, draw_examples, table
-from .evaluation.runner import evaluate
+from .evaluation.report import SOURCES, draw_examples
 from .evaluation.voc import is_voc_root, voc_split
 from .images import IGNORE_LABEL
 
@@ -66,10 +62,10 @@ def _load(args, parser):
 
 def _parser() -> Parser:
     parser = Parser(prog="python -m loca_train.evaluate",
-                    description="Dense-feature evaluation of a loca_train run: zero-shot prompt segmentation, "
-                                "intra/inter-object similarity and a linear segmentation probe, beside the "
-                                "same network at random init and raw pixels, and the scores with controls "
-                                "and bootstrap intervals (docs/EVALUATION.md).")
+                    description="Dense-feature evaluation of a loca_train run's teacher and student: zero-shot "
+                                "prompt segmentation, intra/inter-region similarity and a linear segmentation "
+                                "probe, beside the same network at random init, raw pixels and controls, with "
+                                "bootstrap intervals (docs/EVALUATION.md).")
     which = parser.add_mutually_exclusive_group(required=True)
     which.add_argument("--run-dir", help="output folder of the run (holds checkpoint.pt)")
     which.add_argument("--checkpoint", help="a training checkpoint file")
@@ -77,8 +73,6 @@ def _parser() -> Parser:
                        help="no evaluation: the scores of several runs (seeds) measured on one split, from their "
                             "eval.json, with bootstrap intervals over the runs and the test images")
     parser.add_argument("--output", help="with --combine: write the combined scores here (JSON)")
-    parser.add_argument("--which", choices=("teacher", "student"), default="teacher",
-                        help="the encoder evaluated (default: the teacher, the network LOCA keeps)")
     parser.add_argument("--data", help="your images (any depth), or a PASCAL VOC folder (VOCdevkit/VOC2012: its "
                                        "segmentation train and val lists); default: --scenes")
     parser.add_argument("--masks", help="with --data: PNGs of class indices at each image's relative path "
@@ -148,14 +142,6 @@ def _encoders(state: dict, cfg, device, path: Path, parser: Parser) -> dict:
     return encoders
 
 
-def _sources(encoder, cfg, eval_cfg, device) -> dict:
-    """The feature sources of the metrics: the run's encoder, the same network at its random
-    initialisation, raw pixels."""
-    return {"pretrained": encoder_features(encoder, eval_cfg),
-            "random_init": encoder_features(random_init_encoder(cfg).to(device), eval_cfg),
-            "raw_pixels": raw_pixel_features(eval_cfg)}
-
-
 def _combine(args, parser: Parser) -> int:
     """--combine: the pooled scores printed and, with --output, written."""
     try:
@@ -184,31 +170,27 @@ def main(argv=None) -> int:
         parser.error(str(error))
 
     encoders = _encoders(state, cfg, device, path, parser)
-    print(f"loca_train.evaluate: {args.which} of {path} (step {state['step']}) on {split.description}", flush=True)
+    print(f"loca_train.evaluate: teacher and student of {path} (step {state['step']}) on {split.description}",
+          flush=True)
     progress = sys.stderr.isatty() if args.progress is None else args.progress
     try:
-        metrics, counts, _ = evaluate(_sources(encoders[args.which], cfg, eval_cfg, device), split, eval_cfg,
-                                      device, args.batch_size, progress)
-        # The scores with their controls, validation thresholds and bootstrap intervals.
         num_classes = len(split.class_names) if split.class_names else IGNORE_LABEL
         measured = scores.measure(scores.sources_with_controls(encoders, cfg, eval_cfg, device, num_classes), split,
                                   eval_cfg, device, args.batch_size, progress, args.examples)
-        _write_results(args, state, path, out, split, counts, metrics, measured, eval_cfg, t_start)
+        _write_results(args, state, path, out, split, measured, eval_cfg, t_start)
     except UsageError as error:     # masks met during the evaluation, an eval.json that cannot be written
         parser.error(str(error))
     return 0
 
 
-def _write_results(args, state, path, out, split, counts, metrics, measured, cfg, t_start) -> None:
+def _write_results(args, state, path, out, split, measured, cfg, t_start) -> None:
     """eval.json, eval.png (the examples with the thresholds chosen on validation) and the
-    tables and closing line on stdout."""
+    table and closing line on stdout."""
     scored = scores.summary([measured])
     run_config = path.parent / "config.json"
     run_versions = json.loads(run_config.read_text()).get("versions") if run_config.is_file() else None
-    result = {"checkpoint": str(path.resolve()), "step": state["step"], "which": args.which,
-              "data": split.description, "split": counts, "thresholds": list(THRESHOLDS),
-              "metrics": metrics, "protocol": "docs/EVALUATION.md",
-              "scores": scored["scores"], "differences": scored["differences"],
+    result = {"checkpoint": str(path.resolve()), "step": state["step"], "data": split.description,
+              "protocol": "docs/EVALUATION.md", "scores": scored["scores"], "differences": scored["differences"],
               "validation_thresholds": scored["thresholds"], "scores_split": measured.counts,
               "per_image": scores.per_image_lists(measured),
               "probe_recipe": {"optimizer": "L-BFGS", "iterations": PROBE_ITERATIONS,
@@ -218,12 +200,11 @@ def _write_results(args, state, path, out, split, counts, metrics, measured, cfg
     checkpoint.write_text(out / EVAL_NAME, json.dumps(result, indent=1))
     chosen = {name: {"prompt_threshold": t["object"]} for name, t in measured.thresholds.items()}
     draw_examples(measured.examples, chosen, cfg, out / FIGURE_NAME)
-    print(table(metrics))
     print("scores with 95% bootstrap intervals over the test images (docs/EVALUATION.md):")
     print(scores.scores_table(scored, SOURCES))
-    skipped = f", {counts['objects_skipped']} skipped (no patch centre inside)" if counts["objects_skipped"] else ""
-    objects = (f"; {counts['objects_prompted']} objects prompted{skipped}" if "prompt_jaccard" in metrics["pretrained"]
-               else "; no --instances: prompt and similarity metrics skipped")
+    prompted = measured.counts["test_objects_prompted"]
+    objects = (f"; {prompted} objects prompted" if "prompt_object_jaccard" in scored["scores"]["teacher"]
+               else "; no --instances: prompt and similarity scores skipped")
     written = ", ".join(name for name in (EVAL_NAME, FIGURE_NAME) if (out / name).exists())
     print(f"loca_train.evaluate: done in {format_duration(result['wall_time_s'])}{objects}; results in {out}/ "
           f"({written})", flush=True)

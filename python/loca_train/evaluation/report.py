@@ -1,4 +1,4 @@
-"""What a person reads: the printed table and the figure eval.png."""
+"""What a person reads beside the printed table (scores.scores_table): the figure eval.png."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -8,23 +8,8 @@ from PIL import Image, ImageDraw
 
 from ..config import Config
 
-SOURCES = {"pretrained": "pretrained", "teacher": "teacher", "student": "student", "random_init": "random init",
+SOURCES = {"teacher": "teacher", "student": "student", "random_init": "random init",
            "raw_pixels": "raw pixels", "noise": "noise", "position": "position", "colour": "colour", "ideal": "ideal"}
-
-
-_ROWS = {"prompt_jaccard": "prompt Jaccard", "prompt_threshold": "  threshold chosen",
-         "similarity_same": "same-object cosine", "similarity_different": "other-object cosine",
-         "similarity_auc": "similarity AUC", "probe_miou": "probe mIoU"}
-
-
-def table(metrics: dict) -> str:
-    """The metrics of every source as a plain-text table."""
-    names = [name for name in SOURCES if name in metrics]
-    lines = [f"{'':22}" + "".join(f"{SOURCES[name]:>13}" for name in names)]
-    for key, label in _ROWS.items():
-        if all(key in metrics[name] for name in names):
-            lines.append(f"{label:22}" + "".join(f"{metrics[name][key]:>13.3f}" for name in names))
-    return "\n".join(lines)
 
 
 def _colour_map(values: torch.Tensor) -> torch.Tensor:
