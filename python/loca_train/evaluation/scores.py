@@ -267,7 +267,9 @@ def scores_table(result: dict, names: Optional[Dict[str, str]] = None) -> str:
     scores = result["scores"]
     sources = list(scores)
     names = names or {}
-    head = f"{'':30}" + "".join(f"{names.get(s, s):>22}" for s in sources)
+    # Columns wide enough for the longest metric name and "-0.000 [-0.000, -0.000]", two spaces apart.
+    first, width = max(len(metric) for metric in KINDS) + 1, 25
+    head = f"{'':{first}}" + "".join(f"{names.get(s, s):>{width}}" for s in sources)
     lines = [head]
     for normalised in (False, True):
         if normalised:
@@ -279,7 +281,7 @@ def scores_table(result: dict, names: Optional[Dict[str, str]] = None) -> str:
                 e = e and (e.get("normalised") if normalised else e)
                 cells.append(f"{e['value']:.3f} [{e['low']:.3f}, {e['high']:.3f}]" if e else "-")
             if any(c != "-" for c in cells):
-                lines.append(f"{metric:30}" + "".join(f"{c:>22}" for c in cells))
+                lines.append(f"{metric:{first}}" + "".join(f"{c:>{width}}" for c in cells))
     return "\n".join(lines)
 
 
