@@ -17,7 +17,6 @@ import hashlib
 import os
 import pickle
 import random
-import sys
 import warnings
 from pathlib import Path
 from typing import Callable, Optional, Tuple
@@ -25,7 +24,7 @@ from typing import Callable, Optional, Tuple
 import numpy as np
 import torch
 
-from .config import UsageError
+from .config import UsageError, warn
 
 CHECKPOINT_NAME = "checkpoint.pt"
 PREVIOUS_NAME = "checkpoint.previous.pt"
@@ -265,7 +264,7 @@ def load_latest(folder: Path, hint: str = "") -> Optional[Tuple[dict, Path]]:
         if state is None:
             continue
         if errors:
-            print(f"loca_train: warning: {errors[0]}; using {path} (step {state['step']})", file=sys.stderr)
+            warn(f"{errors[0]}; using {path} (step {state['step']})")
         return state, path
     if errors:
         raise UnreadableCheckpoint(f"{'; '.join(errors)}; no readable checkpoint in {folder}{hint}")

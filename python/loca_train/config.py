@@ -388,6 +388,11 @@ def _flag_type(field_type: str):
     return {"int": int, "float": float, "str": str}[base]
 
 
+def warn(message: str) -> None:
+    """One warning line on stderr, in the command line's voice."""
+    print(f"loca_train: warning: {message}", file=sys.stderr, flush=True)
+
+
 def usage_error(message: str):
     """Report a user error as argparse does (one line on stderr, exit status 2)."""
     sys.stderr.write(f"loca_train: error: {message}\n")

@@ -7,13 +7,12 @@ from __future__ import annotations
 import fcntl
 import json
 import os
-import sys
 import weakref
 from pathlib import Path
 from typing import List, Tuple
 
 from . import checkpoint
-from .config import RESUME_CHANGEABLE, UsageError
+from .config import RESUME_CHANGEABLE, UsageError, warn
 
 LOG_NAME, SUMMARY_NAME, CONFIG_NAME, LOCK_NAME = "log.jsonl", "summary.json", "config.json", "trainer.lock"
 # Settings a --resume may change freely: they decide how a run is watched, checkpointed or
@@ -22,10 +21,6 @@ LOG_NAME, SUMMARY_NAME, CONFIG_NAME, LOCK_NAME = "log.jsonl", "summary.json", "c
 FREE_SETTINGS = ("steps", "output_dir", "resume", "overwrite", "resume_changes", "progress", "log_every",
                  "checkpoint_every", "num_workers", "eval_every", "eval_images", "skip_bad_images",
                  "device", "backend", "compile")
-
-
-def warn(message: str) -> None:
-    print(f"loca_train: warning: {message}", file=sys.stderr, flush=True)
 
 
 # ------------------------------------------------------------------ one trainer per folder
