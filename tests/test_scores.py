@@ -14,7 +14,7 @@ from loca_train.evaluation import scores as sc
 from loca_train.evaluation.controls import (TruthFeatures, colour_features, control_sources, noise_features,
                                             position_code)
 from loca_train.evaluation.data import photo_split
-from loca_train.evaluation.metrics import roc_auc
+from loca_train.evaluation.metrics import patch_majority, roc_auc
 from loca_train.evaluation.stats import Bootstrap, mean_iou, ratio, summarise
 from loca_train.images import IGNORE_LABEL, open_images
 from loca_train.photos import PHOTO_CLASSES, SPLIT_BANDS, PhotoScenes
@@ -108,6 +108,27 @@ def test_pair_scores_separate_matched_distances():
     rows = sc.pair_scores(position, instances)
     assert ratio(rows["similarity_auc"]) > 0.6                      # near pairs are same-region pairs ...
     assert ratio(rows["similarity_auc_matched_distance"]) < ratio(rows["similarity_auc"])   # ... less so here
+
+
+def test_prompt_auroc_at_matched_distances_takes_away_what_position_tells():
+    # Patch 0 of a 2 x 2 grid on 4 x 4 pixels is centred at (1, 1); pixel centres are at k + 0.5.
+    centre = torch.arange(4, dtype=torch.float64) + 0.5 - 1
+    expected = (centre[:, None] ** 2 + centre ** 2).sqrt()
+    assert torch.equal(sc.prompt_distances([(1, 0)], (2, 2), (4, 4))[0], expected)
+    instances = torch.zeros(32, 32, dtype=torch.uint8)
+    instances[4:28, 2:14] = 1                                        # an object on the left, background right
+    classes = instances.clone()
+    grid = (8, 8)
+    one_hot = F.one_hot(patch_majority(instances, grid).long(), 2).float()
+
+    def matched(features):
+        _, auroc, rows, *_ = sc.prompt_scores(features, instances, classes)["object"]
+        return float(auroc[0]), float(rows[0, 0] / rows[0, 1])
+    assert matched(one_hot)[1] > 0.95
+    # A code of position ranks the object's pixels first (they are near the prompt), but within one
+    # ring of distance it tells nothing (the code is not exactly isotropic: not exactly one half).
+    plain, at_matched_distance = matched(position_code(grid))
+    assert plain > 0.85 and at_matched_distance < 0.6
 
 
 # ------------------------------------------------------------------ statistics

@@ -7,8 +7,10 @@ validation and test images:
 - prompt segmentation, for two targets: the prompted object ("object") and every instance
   of its class in the image ("class"). Per object: the similarity map's Jaccard at the
   threshold chosen on the validation images over THRESHOLD_GRID (the whole cosine range),
-  its ROC AUC over the pixels (threshold-free), and its best Jaccard over every threshold
-  (MMC's threshold given with the prompt);
+  its ROC AUC over the pixels (threshold-free), the same AUC at matched distances (target
+  pixels compared only with other pixels as far from the prompt: what a code of position
+  alone cannot tell), and its best Jaccard over every threshold (MMC's threshold given with
+  the prompt);
 - intra/inter-region similarity of the patch pairs of one image: mean cosines and the
   probability that a same-region pair is more similar than a two-region pair (AUC),
   with the background as a region, without it (object patches only), and at matched
@@ -39,7 +41,8 @@ THRESHOLD_GRID = torch.linspace(-1, 1, 81)
 TARGETS = ("object", "class")
 # Sources the networks are compared with (paired differences).
 REFERENCES = ("random_init", "raw_pixels", "noise", "position", "colour", "ideal")
-KINDS = {**{f"prompt_{t}_{m}": "ratio" for t in TARGETS for m in ("jaccard", "auroc", "best_jaccard")},
+KINDS = {**{f"prompt_{t}_{m}": "ratio" for t in TARGETS
+            for m in ("jaccard", "auroc", "auroc_matched_distance", "best_jaccard")},
          **{f"similarity_{m}": "ratio" for m in ("same", "different", "auc", "same_objects", "different_objects",
                                                   "auc_objects", "auc_matched_distance")},
          "probe_miou": "mean_iou"}
@@ -97,10 +100,22 @@ def jaccard_curves(maps: torch.Tensor, truth: torch.Tensor, thresholds: torch.Te
     return curves, best
 
 
+def prompt_distances(prompts: list, grid, size) -> torch.Tensor:
+    """(n, h, w) the distance in pixels from each pixel's centre to the centre of each prompt
+    patch (prompts: [(object id, raster index of its prompt patch)])."""
+    (gh, gw), (h, w) = grid, size
+    patch = torch.tensor([p for _, p in prompts], dtype=torch.float64)
+    py, px = ((patch // gw + 0.5) * h / gh)[:, None, None], ((patch % gw + 0.5) * w / gw)[:, None, None]
+    y, x = torch.arange(h, dtype=torch.float64)[:, None] + 0.5, torch.arange(w, dtype=torch.float64) + 0.5
+    return ((y - py) ** 2 + (x - px) ** 2).sqrt()
+
+
 def prompt_scores(features: torch.Tensor, instances: torch.Tensor, classes: torch.Tensor,
                   thresholds: torch.Tensor = THRESHOLD_GRID) -> dict:
-    """Per target: (curves (n, T), auroc (n,), best (n,), maps (n, h, w), prompts [(id, patch)])
-    of every object of one image with a patch centre inside."""
+    """Per target: (curves (n, T), auroc (n,), (U, pairs) at matched distances (n, 2), best
+    (n,), maps (n, h, w), prompts [(id, patch)]) of every object of one image with a patch
+    centre inside. Matched distances: a target pixel is only compared with the other pixels
+    in its one-pixel-wide ring of distance from the prompt patch's centre."""
     grid = features.shape[:2]
     instances, classes = instances.long(), classes.long()
     cosine = cosine_matrix(features)
@@ -110,6 +125,7 @@ def prompt_scores(features: torch.Tensor, instances: torch.Tensor, classes: torc
     if not prompts:
         return out
     maps = upsample(cosine[[p for _, p in prompts]].view(-1, *grid), instances.shape)    # (n, h, w)
+    rings = prompt_distances(prompts, grid, instances.shape).long()                     # (n, h, w)
     for target in TARGETS:
         if target == "object":
             truth = torch.stack([instances == i for i, _ in prompts])
@@ -121,7 +137,11 @@ def prompt_scores(features: torch.Tensor, instances: torch.Tensor, classes: torc
         curves, best = jaccard_curves(m, t, thresholds)
         rows = torch.arange(len(prompts))[:, None].expand_as(m)
         u, pairs = grouped_mann_whitney(m, t, rows, len(prompts))
-        out[target] = (curves, u / pairs, best, maps, prompts)
+        ring = rings[:, counted]
+        ring_count = int(ring.max()) + 1
+        u_ring, pairs_ring = grouped_mann_whitney(m, t, rows * ring_count + ring, len(prompts) * ring_count)
+        matched = torch.stack([u_ring.view(-1, ring_count).sum(1), pairs_ring.view(-1, ring_count).sum(1)], 1)
+        out[target] = (curves, u / pairs, matched, best, maps, prompts)
     return out
 
 
@@ -232,12 +252,17 @@ def _score_one(r: dict, probe, f: torch.Tensor, scene, chosen: dict, size: int, 
     if instances is None:
         return 0
     prompts = prompt_scores(f, instances, classes)
-    empty = (torch.zeros(0, len(THRESHOLD_GRID)), torch.zeros(0), torch.zeros(0), None, [])
+    empty = (torch.zeros(0, len(THRESHOLD_GRID)), torch.zeros(0), torch.zeros(0, 2), torch.zeros(0), None, [])
     for target in TARGETS:
-        curves, auroc, best, maps, points = prompts.get(target, empty)
+        curves, auroc, matched, best, maps, points = prompts.get(target, empty)
         n = float(len(curves))
         r[f"prompt_{target}_jaccard"].append(torch.tensor([float(curves[:, chosen[target]].sum()), n]))
         r[f"prompt_{target}_auroc"].append(torch.tensor([float(auroc.sum()), n]))
+        # The mean over objects of their AUROC at matched distances (objects without a ring
+        # holding both target and other pixels are not counted).
+        has_pairs = matched[:, 1] > 0
+        r[f"prompt_{target}_auroc_matched_distance"].append(torch.tensor(
+            [float((matched[has_pairs, 0] / matched[has_pairs, 1]).sum()), float(has_pairs.sum())]))
         r[f"prompt_{target}_best_jaccard"].append(torch.tensor([float(best.sum()), n]))
         if target == "object" and example is not None and points:
             largest = max(range(len(points)), key=lambda k: (int((instances == points[k][0]).sum()), -k))
