@@ -2,7 +2,8 @@
 # docs/RESULTS.md's measurement: the four objectives trained on the photo scenes' train split at
 # equal images seen (STEPS steps of the tiny preset's batch of 32), for each seed of SEEDS; each
 # run's teacher and student evaluated beside random init and the controls (docs/EVALUATION.md);
-# then each objective's seeds combined (intervals over seeds and test images).
+# then each objective's seeds combined (intervals over seeds and test images). About 50 minutes
+# of training and 30 of evaluation on 2 CPU cores for the defaults (docs/RESULTS.md).
 #   bash examples/compare_objectives.sh                 # STEPS=250 SEEDS="0 1 2" OUT=runs/compare
 # A run already evaluated is kept, so an interrupted comparison continues where it stopped.
 set -euo pipefail
