@@ -23,10 +23,10 @@ from .config import Config, UsageError, resume_changes
 from .evaluation.data import monitoring_split
 from .evaluation.runner import training_metrics
 from .images import ImageFolder, entries_in_words, open_images
-from .photos import PhotoScenes
 from .monitor import KernelTimer, ProgressBar, format_duration, kernels_in_words, summary, versions
 from .networks import ema_teacher
 from .objectives import Objective, objective_of
+from .photos import PhotoScenes
 from .schedules import lr_factor, teacher_momentum, update_teacher
 
 # Fields of a step record that measure time: they differ between runs, nothing else may.
