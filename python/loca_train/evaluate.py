@@ -20,7 +20,6 @@ to eval.json and eval.png (examples); the command prints the table.
 """
 from __future__ import annotations
 
-import dataclasses
 import errno
 import json
 import os
@@ -35,7 +34,8 @@ from .config import Parser, UsageError, config_from_dict, usage_error
 from .monitor import format_duration, versions
 from .objectives import objective_of
 from .evaluation import scores
-from .evaluation.data import EVAL_GRID, PROBE_IMAGES, TEST_IMAGES, folder_split, photo_split, procedural_split
+from .evaluation.data import (PROBE_IMAGES, TEST_IMAGES, folder_split, photo_eval_config, photo_split,
+                              procedural_split)
 from .evaluation.probe import PROBE_ITERATIONS, PROBE_WEIGHT_DECAY
 from .evaluation.report import SOURCES, draw_examples
 from .evaluation.voc import is_voc_root, voc_split
@@ -123,7 +123,7 @@ def _split(args, cfg):
         return folder_split(cfg, args.data, args.masks, args.instances), cfg
     if args.scenes == "photos":
         split = photo_split(args.probe_images, args.test_images // 2, args.test_images)
-        return split, dataclasses.replace(cfg, image_size=EVAL_GRID * cfg.patch_size)
+        return split, photo_eval_config(cfg)
     return procedural_split(cfg, args.probe_images, args.test_images), cfg
 
 

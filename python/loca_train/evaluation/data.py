@@ -84,11 +84,17 @@ def photo_split(probe: int = PROBE_SCENES, validation: int = VALIDATION_SCENES, 
                      validation=list(range(probe, probe + validation)))
 
 
+def photo_eval_config(cfg: Config) -> Config:
+    """The config the networks see on the photo scenes: an EVAL_GRID x EVAL_GRID patch grid,
+    whatever the network's training size."""
+    return dataclasses.replace(cfg, image_size=EVAL_GRID * cfg.patch_size)
+
+
 def monitoring_split(cfg: Config, images: int):
     """(the split, the config the networks see) of training's --eval-every, which reads no test
     image: on the photo scenes (--scenes photos) the probe trains on 2 x `images` train scenes and
-    the metrics are measured on `images` validation scenes, on evaluate's EVAL_GRID patch grid;
-    otherwise the procedural evaluation split."""
+    the metrics are measured on `images` validation scenes, on evaluate's patch grid
+    (photo_eval_config); otherwise the procedural evaluation split."""
     if cfg.scenes != "photos":
         return procedural_split(cfg, 2 * images, images), cfg
     probe = 2 * images
@@ -97,7 +103,7 @@ def monitoring_split(cfg: Config, images: int):
     split = EvalSplit(dataset, list(range(probe)), list(range(probe, probe + images)),
                       f"{images} photo validation scenes ({EVAL_SIZE} px), the probe trained on {probe} train "
                       f"scenes", PHOTO_CLASSES)
-    return split, dataclasses.replace(cfg, image_size=EVAL_GRID * cfg.patch_size)
+    return split, photo_eval_config(cfg)
 
 
 def folder_split(cfg: Config, data: str, masks: str, instances: Optional[str] = None) -> EvalSplit:

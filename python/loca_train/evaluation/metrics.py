@@ -31,16 +31,21 @@ def patch_majority(labels: torch.Tensor, grid) -> torch.Tensor:
     return torch.where(counts.sum(0) > 0, majority, IGNORE_LABEL)
 
 
+def patch_centres(grid, size) -> torch.Tensor:
+    """(gh * gw, 2) float64 (y, x) pixel coordinates of the centres of a (gh, gw) patch grid over
+    an image of `size` (h, w), in raster order: ((i + 0.5) h / gh, (j + 0.5) w / gw)."""
+    (gh, gw), (h, w) = grid, size
+    cy = (torch.arange(gh, dtype=torch.float64) + 0.5) * h / gh
+    cx = (torch.arange(gw, dtype=torch.float64) + 0.5) * w / gw
+    return torch.stack(torch.meshgrid(cy, cx, indexing="ij"), -1).view(-1, 2)
+
+
 def prompt_patch(inside: torch.Tensor, grid) -> Optional[int]:
     """The prompt of an object (inside: bool (h, w)): the raster index of the patch whose centre
     lies in the object (in a pixel of it) and is farthest from its border (the Euclidean
     distance to the nearest pixel centre outside it, beyond the image counting as outside).
     Ties: the lowest raster index. None when no patch centre lies in the object."""
-    h, w = inside.shape
-    gh, gw = grid
-    cy = (torch.arange(gh, dtype=torch.float64) + 0.5) * h / gh
-    cx = (torch.arange(gw, dtype=torch.float64) + 0.5) * w / gw
-    centres = torch.stack(torch.meshgrid(cy, cx, indexing="ij"), -1).view(-1, 2)       # raster order
+    centres = patch_centres(grid, inside.shape)
     pixels = centres.floor().long()
     candidates = inside[pixels[:, 0], pixels[:, 1]]
     if not candidates.any():

@@ -32,7 +32,7 @@ from ..config import UsageError
 from ..images import IGNORE_LABEL
 from .controls import control_sources
 from .data import encoder_features, random_init_encoder, raw_pixel_features
-from .metrics import confusion_matrix, cosine_matrix, patch_majority, prompt_patch, upsample
+from .metrics import confusion_matrix, cosine_matrix, patch_centres, patch_majority, prompt_patch, upsample
 from .runner import Progress, scenes_and_features, torch_threads, train_probes
 from .stats import Bootstrap, summarise
 
@@ -103,11 +103,10 @@ def jaccard_curves(maps: torch.Tensor, truth: torch.Tensor, thresholds: torch.Te
 def prompt_distances(prompts: list, grid, size) -> torch.Tensor:
     """(n, h, w) the distance in pixels from each pixel's centre to the centre of each prompt
     patch (prompts: [(object id, raster index of its prompt patch)])."""
-    (gh, gw), (h, w) = grid, size
-    patch = torch.tensor([p for _, p in prompts], dtype=torch.float64)
-    py, px = ((patch // gw + 0.5) * h / gh)[:, None, None], ((patch % gw + 0.5) * w / gw)[:, None, None]
+    centre = patch_centres(grid, size)[[p for _, p in prompts]][:, :, None, None]        # (n, 2, 1, 1)
+    h, w = size
     y, x = torch.arange(h, dtype=torch.float64)[:, None] + 0.5, torch.arange(w, dtype=torch.float64) + 0.5
-    return ((y - py) ** 2 + (x - px) ** 2).sqrt()
+    return ((y - centre[:, 0]) ** 2 + (x - centre[:, 1]) ** 2).sqrt()
 
 
 def prompt_scores(features: torch.Tensor, instances: torch.Tensor, classes: torch.Tensor,
