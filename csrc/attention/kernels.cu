@@ -196,7 +196,7 @@ __device__ inline void accumulate_fragments_times_tile_t(float (&acc)[NT][4], co
 }
 
 // acc (rows x D) += P (rows x NT * 8, accumulators of the score tiles) times a shared tile of
-// NT * 8 rows of D elements: P V in the forward pass, dS K for dQ.
+// NT * 8 rows of D elements: P V in the forward pass, dS K for dQ, P dO and dS Q for dV and dK.
 template <class Ty, int D, int NT>
 __device__ inline void accumulate_scores_times_tile(float (&acc)[D / 8][4], const float (&scores)[NT][4],
                                                     const uint16_t* tile, int stride, const Lane& lane) {
@@ -688,20 +688,9 @@ __global__ void __launch_bounds__(kThreads) grad_kv_mma_kernel(const AttentionBa
             st[j][e] = prob;
             dpt[j][e] = prob * (dpt[j][e] - delta[col]);
           }
-#pragma unroll
-        for (int kt = 0; kt < kQueries / 16; ++kt) {
-          uint32_t p_frag[4], ds_frag[4];
-          accumulator_as_a<Ty>(p_frag, st, kt);
-          accumulator_as_a<Ty>(ds_frag, dpt, kt);
-#pragma unroll
-          for (int jd = 0; jd < D / 8; ++jd) {
-            uint32_t b0, b1;
-            load_b_kn(b0, b1, do_tile, kStride, kt * 16, jd * 8, lane);
-            Ty::mma(dv[jd], p_frag, b0, b1);
-            load_b_kn(b0, b1, q_tile, kStride, kt * 16, jd * 8, lane);
-            Ty::mma(dk[jd], ds_frag, b0, b1);
-          }
-        }
+        // dV += P dO and dK += dS Q (each sum over the query tiles in the same order as before).
+        accumulate_scores_times_tile<Ty, D, kQueries / 8>(dv, st, do_tile, kStride, lane);
+        accumulate_scores_times_tile<Ty, D, kQueries / 8>(dk, dpt, q_tile, kStride, lane);
       }
       if (!fused) continue;
 
